@@ -1,0 +1,3 @@
+from nanods.cli import main
+
+main()

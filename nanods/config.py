@@ -1,0 +1,377 @@
+"""NanoDeepSeekConfig, the scale presets, and nanods.toml loading with helpful errors.
+
+Resolution order: dataclass defaults -> preset -> nanods.toml [model] -> CLI options -> --set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import InitVar, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanods.errors import NanodsError, did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+MLA_ATTENTIONS = ("mla", "dsa")  # attentions built on MLA's latent cache
+
+
+@dataclass
+class NanoDeepSeekConfig:
+    """Every architectural choice of a NanoDeepSeek model. `None` fields derive from others."""
+
+    # seed fields (names and defaults kept)
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6  # GQA for MHA; meaningless for MLA
+    n_embd: int = 768
+    kv_lora_rank: int | None = None  # -> n_embd // 2
+    num_experts: int = 8
+    top_k: int = 2
+    # components (the stored truth; use_mla / use_moe are derived)
+    attention: str | None = None  # -> "mla" (or "mha" when use_mla=False)
+    ffn: str | None = None  # -> "moe" (or "dense" when use_moe=False)
+    router: str = "sigmoid"
+    attention_options: dict[str, Any] = field(default_factory=dict)
+    ffn_options: dict[str, Any] = field(default_factory=dict)
+    router_options: dict[str, Any] = field(default_factory=dict)
+    # shared details
+    norm_weights: bool = False  # learnable RMSNorm weights (DeepSeek has them; the seed did not)
+    norm_eps: float = 1e-6
+    qk_norm: bool = True  # per-head QK RMSNorm in MHA (MLA normalises its latents instead)
+    activation: str = "relu2"  # "relu2" | "swiglu"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    ffn_hidden: int | None = None  # dense FFN width -> 4*n_embd (relu2) or ~8/3*n_embd (swiglu)
+    tokenizer_vocab_size: int | None = None  # real tokenizer size; ids >= it are never sampled
+    # MLA
+    q_lora_rank: int | None = None  # -> kv_lora_rank; 0 = no query compression
+    qk_rope_head_dim: int | None = None  # -> head_dim // 2 (even)
+    qk_nope_head_dim: int | None = None  # -> head_dim
+    v_head_dim: int | None = None  # -> head_dim
+    # MoE
+    n_shared_experts: int = 1
+    moe_hidden: int | None = None  # -> ffn_hidden / (top_k + n_shared_experts): dense-equal active width
+    first_k_dense: int = 0
+    route_scale: float = 1.0
+    route_norm: bool | None = None  # -> top_k > 1
+    n_group: int = 1
+    topk_group: int = 1
+    bias_update_speed: float = 1e-3
+    aux_loss_alpha: float | None = None  # -> 0.0 for sigmoid, 0.01 for softmax
+    # multi-token prediction (its own issue)
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
+    # constructor-only switches of the seed API
+    use_mla: InitVar[bool | None] = None
+    use_moe: InitVar[bool | None] = None
+
+    def __post_init__(self, use_mla: bool | None, use_moe: bool | None) -> None:
+        self.attention = _resolve_switch("attention", self.attention, "use_mla", use_mla, "mla", "mha")
+        self.ffn = _resolve_switch("ffn", self.ffn, "use_moe", use_moe, "moe", "dense")
+        if use_mla is not None and bool(use_mla) != self.use_mla:
+            raise NanodsError(f"use_mla={use_mla} contradicts attention='{self.attention}'")
+        if use_moe is not None and bool(use_moe) != self.use_moe:
+            raise NanodsError(f"use_moe={use_moe} contradicts ffn='{self.ffn}'")
+        head_dim = self.n_embd // self.n_head if self.n_head > 0 else 0
+        if self.kv_lora_rank is None:
+            self.kv_lora_rank = self.n_embd // 2
+        if self.q_lora_rank is None:
+            self.q_lora_rank = self.kv_lora_rank
+        if self.qk_nope_head_dim is None:
+            self.qk_nope_head_dim = head_dim
+        if self.qk_rope_head_dim is None:
+            self.qk_rope_head_dim = max(2, head_dim // 2 // 2 * 2)
+        if self.v_head_dim is None:
+            self.v_head_dim = head_dim
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 4 * self.n_embd if self.activation == "relu2" else _round_up(8 * self.n_embd // 3, 64)
+        if self.moe_hidden is None:
+            self.moe_hidden = _round_up(self.ffn_hidden // (self.top_k + self.n_shared_experts), 32)
+        if self.route_norm is None:
+            self.route_norm = self.top_k > 1
+        if self.aux_loss_alpha is None:
+            self.aux_loss_alpha = 0.01 if self.router == "softmax" else 0.0
+        self.validate()
+
+    @property
+    def use_mla(self) -> bool:
+        return self.attention in MLA_ATTENTIONS
+
+    @property
+    def use_moe(self) -> bool:
+        return self.ffn == "moe"
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def validate(self) -> None:
+        """Raise NanodsError naming the first inconsistent field."""
+        positive = ["sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+                    "num_experts", "top_k", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+                    "v_head_dim", "ffn_hidden", "moe_hidden", "n_group", "topk_group"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise NanodsError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ["q_lora_rank", "n_shared_experts", "first_k_dense", "mtp_depth", "aux_loss_alpha",
+                     "bias_update_speed", "mtp_loss_weight"]:
+            if getattr(self, name) < 0:
+                raise NanodsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        checks = [
+            (self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
+            (self.n_head % self.n_kv_head == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"),
+            (self.head_dim % 2 == 0, f"head_dim n_embd/n_head = {self.head_dim} must be even for RoPE"),
+            (self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even"),
+            (self.top_k <= self.num_experts, f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"),
+            (not (self.route_norm and self.top_k == 1),
+             "route_norm=true with top_k=1 would make every weight 1.0 and kill the gate's gradient; set route_norm=false"),
+            (self.num_experts % self.n_group == 0, f"num_experts ({self.num_experts}) must be divisible by n_group ({self.n_group})"),
+            (self.topk_group <= self.n_group, f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})"),
+            (self.top_k <= self.topk_group * (self.num_experts // self.n_group),
+             f"top_k ({self.top_k}) exceeds the experts in topk_group ({self.topk_group}) groups"),
+            (self.first_k_dense <= self.n_layer, f"first_k_dense ({self.first_k_dense}) must be <= n_layer ({self.n_layer})"),
+            (self.activation in ("relu2", "swiglu"), f"activation must be 'relu2' or 'swiglu', got '{self.activation}'"
+             + did_you_mean(self.activation, ["relu2", "swiglu"])),
+            (self.tokenizer_vocab_size is None or 0 < self.tokenizer_vocab_size <= self.vocab_size,
+             f"tokenizer_vocab_size ({self.tokenizer_vocab_size}) must be in 1..vocab_size ({self.vocab_size})"),
+            (self.mtp_depth == 0, "mtp_depth > 0 (multi-token prediction) is not implemented yet; set mtp_depth = 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise NanodsError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> NanoDeepSeekConfig:
+        """Build from plain values, checking names and types first (errors name the key)."""
+        return cls(**check_fields(values, where))
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return max(multiple, (x + multiple - 1) // multiple * multiple)
+
+
+def _resolve_switch(name: str, value: str | None, switch: str, flag: bool | None, on: str, off: str) -> str:
+    if value is not None:
+        return value
+    return off if flag is not None and not flag else on
+
+
+# Scale presets: the seed's small/base/large, plus tiny for tests and demos.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, num_experts=4, top_k=2,
+                 vocab_size=1024, sequence_len=256),
+    "small": dict(n_layer=6, n_head=4, n_kv_head=4, n_embd=384, num_experts=4, top_k=2, vocab_size=8192),
+    "base": dict(n_layer=12, n_head=6, n_kv_head=6, n_embd=768, num_experts=8, top_k=2, vocab_size=32768),
+    "large": dict(n_layer=24, n_head=12, n_kv_head=6, n_embd=1536, num_experts=8, top_k=2, vocab_size=32768),
+}
+
+
+def preset(scale: str) -> dict[str, Any]:
+    if scale not in PRESETS:
+        raise NanodsError(f"unknown scale '{scale}'{did_you_mean(scale, PRESETS)}; choose one of: {', '.join(PRESETS)}")
+    return dict(PRESETS[scale])
+
+
+# ---------------------------------------------------------------------------------------------
+# Type checking of plain values (TOML, --set, checkpoint metadata)
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    extra = [n for n, h in hints.items() if isinstance(h, dataclasses.InitVar)]
+    out = {n: hints[n] for n in names}
+    out.update({n: hints[n].type for n in extra})
+    return out
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if origin is list:
+        return isinstance(value, list)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint) if h is not type(None))
+    return {dict: "table", list: "array", str: "string", bool: "boolean", int: "integer", float: "number"}.get(
+        typing.get_origin(hint) or hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_fields(values: dict[str, Any], where: str, cls: type = NanoDeepSeekConfig) -> dict[str, Any]:
+    """Reject unknown keys (suggesting the closest) and wrongly typed values; return ints as floats where needed."""
+    hints = _field_types(cls)
+    out = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise NanodsError(f"unknown key '{key}' in {where}{did_you_mean(key, hints)}")
+        if not _accepts(hints[key], value):
+            raise NanodsError(f"{where}.{key} must be a {_type_name(hints[key])}, got {value!r}")
+        if hints[key] is float and isinstance(value, int):
+            value = float(value)
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# nanods.toml
+
+@dataclass
+class TrainSettings:
+    """[train]: how `nanods train` runs (the train issue extends this)."""
+
+    data: str = "stdlib"
+    tokenizer: str = "bpe"
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 3e-3
+    time_budget: str | None = None
+    out: str = "runs/nanods"
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 1337
+    eval_every: int = 50
+
+
+@dataclass
+class SampleSettings:
+    """[sample]: defaults for `nanods sample`."""
+
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = None
+    max_new_tokens: int = 256
+
+
+SECTIONS: dict[str, type] = {"model": NanoDeepSeekConfig, "train": TrainSettings, "sample": SampleSettings}
+OPTION_TABLES = ("attention_options", "ffn_options", "router_options")
+
+
+@dataclass
+class Project:
+    """A resolved project: the model config plus the train and sample settings."""
+
+    model: NanoDeepSeekConfig
+    train: TrainSettings
+    sample: SampleSettings
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise NanodsError(f"config file '{path}' not found (create one with `nanods init`)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise NanodsError(f"{path} is not valid TOML: {e}") from None
+
+
+def parse_set(assignments: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn ['model.n_layer=4', 'train.lr=1e-3'] into nested tables; values are TOML literals."""
+    tables: dict[str, dict[str, Any]] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise NanodsError(f"--set expects section.key=value (e.g. model.n_layer=4), got '{item}'")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # bare words are strings: --set model.attention=mha
+        target = tables.setdefault(section, {})
+        if name.startswith(OPTION_TABLES) and "." in name:
+            table, _, option = name.partition(".")
+            target.setdefault(table, {})[option] = value
+        else:
+            target[name] = value
+    return tables
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve_project(
+    toml: dict[str, Any] | None = None,
+    scale: str | None = None,
+    cli: dict[str, dict[str, Any]] | None = None,
+    sets: list[str] | None = None,
+    where: str = "nanods.toml",
+) -> Project:
+    """Apply DESIGN's resolution order and validate every key and component name."""
+    toml = toml or {}
+    for section in toml:
+        if section not in SECTIONS:
+            raise NanodsError(f"unknown section [{section}] in {where}{did_you_mean(section, SECTIONS)}")
+    layers = [toml, {k: {n: v for n, v in t.items() if v is not None} for k, t in (cli or {}).items()},
+              parse_set(sets or [])]
+    merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for layer in layers:
+        for section, values in layer.items():
+            if section not in SECTIONS:
+                raise NanodsError(f"unknown section '{section}'{did_you_mean(section, SECTIONS)}")
+            if not isinstance(values, dict):
+                raise NanodsError(f"[{section}] must be a table")
+            merged[section] = _merge(merged[section], values)
+    model_values = dict(merged["model"])
+    chosen_scale = scale or model_values.pop("scale", None)
+    model_values.pop("scale", None)
+    if chosen_scale is not None and not isinstance(chosen_scale, str):
+        raise NanodsError(f"model.scale must be a string, got {chosen_scale!r}")
+    values = preset(chosen_scale) if chosen_scale else {}
+    values.update(check_fields(model_values, "[model]"))
+    from nanods import registry  # late: config stays importable without the registry
+
+    for group in ("attention", "ffn", "router"):
+        if values.get(group) is not None:
+            registry.find(group, values[group])
+    model = NanoDeepSeekConfig(**values)
+    registry.check_options(model)
+    train = TrainSettings(**check_fields(merged["train"], "[train]", TrainSettings))
+    sample = SampleSettings(**check_fields(merged["sample"], "[sample]", SampleSettings))
+    return Project(model=model, train=train, sample=sample)
+
+
+def load_project(path: str | Path | None = None, **kwargs: Any) -> Project:
+    """Read a nanods.toml (or ./nanods.toml when present) and resolve it."""
+    if path is None:
+        path = Path("nanods.toml") if Path("nanods.toml").is_file() else None
+    toml = read_toml(path) if path is not None else {}
+    return resolve_project(toml, where=str(path or "defaults"), **kwargs)

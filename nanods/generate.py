@@ -1,0 +1,72 @@
+"""Autoregressive sampling on the KV cache: one prefill, then one token per step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from nanods.model import NanoDeepSeek
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator) -> torch.Tensor:
+    """Pick one id per row of logits (B, V): greedy at temperature 0, else top-k / top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def stream(model: NanoDeepSeek, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+           eos_id: int | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,) per step; rows that hit eos_id keep yielding eos_id.
+
+    Sampling uses a private generator (the global RNG is untouched); ids the tokenizer does not
+    have (the vocabulary is padded to a multiple of 64) are never sampled.
+    """
+    cfg = model.config
+    B, T = idx.shape
+    if T + max_new_tokens > cfg.sequence_len:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"sequence_len ({cfg.sequence_len})")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    generator = torch.Generator(device=idx.device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    limit = cfg.tokenizer_vocab_size or cfg.vocab_size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            cache = model.init_cache(B, T + max_new_tokens) if use_cache else None
+            seq = idx
+            logits = model(idx, cache=cache)[:, -1]
+            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            for step in range(max_new_tokens):
+                token = sample_next(logits[:, :limit], temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    token = token.masked_fill(done, eos_id)
+                    done |= token == eos_id
+                yield token
+                if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                    break
+                if use_cache:
+                    logits = model(token[:, None], cache=cache, start_pos=T + step)[:, -1]
+                else:
+                    seq = torch.cat([seq, token[:, None]], dim=1)
+                    logits = model(seq)[:, -1]
+    finally:
+        model.train(was_training)

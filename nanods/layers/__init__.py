@@ -1,0 +1,1 @@
+"""Building blocks: rope and norms here; attention/, ffn/ and routers/ hold the swappable components."""

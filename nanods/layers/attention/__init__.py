@@ -1,0 +1,1 @@
+"""Attention components (group `nanods.attention`): mha.py, mla.py; shared cache and SDPA helpers."""

@@ -1,0 +1,106 @@
+"""Multi-head latent attention (DeepSeek-V2/V3).
+
+Keys and values are compressed into one latent c_kv (kv_lora_rank wide); positions ride on a
+separate, decoupled rope key k_pe shared by all heads. The cache holds only [c_kv ; k_pe].
+Training and prefill decompress the latent (W_UK, W_UV = the halves of wkv_b); decoding
+absorbs W_UK into the query and W_UV into the output, so attention runs in latent space and
+the cache is never decompressed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nanods import registry
+from nanods.config import NanoDeepSeekConfig
+from nanods.errors import NanodsError
+from nanods.layers.attention.cache import LayerCache
+from nanods.layers.attention.sdpa import causal_attention
+from nanods.layers.norm import RMSNorm
+from nanods.layers.rope import apply_rope
+
+
+class MultiHeadLatentAttention(nn.Module):
+    @dataclass
+    class Config:
+        absorb: str = "auto"  # "auto": absorbed when new tokens follow a cached prefix; "always"; "never"
+
+    def __init__(self, config: NanoDeepSeekConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        opts = registry.options(type(self), config.attention_options, "[model.attention_options]")
+        if opts.absorb not in ("auto", "always", "never"):
+            raise NanodsError(f"attention_options.absorb must be auto, always or never, got '{opts.absorb}'")
+        self.absorb = opts.absorb
+        C, H = config.n_embd, config.n_head
+        self.n_head, self.rank = H, config.kv_lora_rank
+        self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        qk_dim = self.nope + self.rope
+        if config.q_lora_rank:  # query compression: x -> c_q -> norm -> per-head queries
+            self.wq_a = nn.Linear(C, config.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(config.q_lora_rank, config.norm_eps, config.norm_weights)
+            self.wq_b = nn.Linear(config.q_lora_rank, H * qk_dim, bias=False)
+        else:
+            self.wq = nn.Linear(C, H * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(C, self.rank + self.rope, bias=False)  # -> [c_kv ; k_pe]
+        self.kv_norm = RMSNorm(self.rank, config.norm_eps, config.norm_weights)  # MLA's QK-norm
+        self.wkv_b = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # [W_UK ; W_UV] per head
+        self.wo = nn.Linear(H * self.v_dim, C, bias=False)
+        # the score scale of the decompressed head width, also on the absorbed path (not SDPA's default)
+        self.softmax_scale = qk_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        cfg = self.config
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if cfg.q_lora_rank else self.wq(x)
+        q_nope, q_pe = q.view(B, T, self.n_head, -1).split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, pos, cfg.rope_theta, cfg.sequence_len)
+        c_kv, k_pe = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), pos, cfg.rope_theta, cfg.sequence_len).squeeze(2)
+        latent = torch.cat([self.kv_norm(c_kv), k_pe], dim=-1)  # (B, T, rank + rope): all that is cached
+        past = 0
+        if cache is not None:
+            past = cache.length
+            (latent,) = cache.append(latent=latent)
+        absorbed = self.absorb == "always" or (self.absorb == "auto" and past > 0)
+        y = self._attend_absorbed(q_nope, q_pe, latent, past) if absorbed else self._attend_naive(q_nope, q_pe, latent, past)
+        return self.wo(y.reshape(B, T, self.n_head * self.v_dim))
+
+    def _attend_naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, past: int) -> torch.Tensor:
+        """Decompress every latent into per-head keys and values, then ordinary attention."""
+        B, S, _ = latent.shape
+        c_kv, k_pe = latent.split([self.rank, self.rope], dim=-1)
+        k_nope, v = self.wkv_b(c_kv).view(B, S, self.n_head, -1).split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, self.n_head, self.rope)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, past)
+        return y.transpose(1, 2)  # (B, T, H, v_dim)
+
+    def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, past: int) -> torch.Tensor:
+        """q_nope·W_UK^T·c_kv == q_nope·k_nope; attention in latent space is MQA over the cache itself."""
+        w_kv = self.wkv_b.weight.view(self.n_head, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
+        q_latent = torch.einsum("bthd,hdr->bhtr", q_nope, w_uk)
+        q = torch.cat([q_latent, q_pe.transpose(1, 2).to(q_latent.dtype)], dim=-1)  # (B, H, T, rank + rope)
+        kv = latent.unsqueeze(1).to(q.dtype)  # one shared "head": keys [c_kv ; k_pe], values c_kv
+        o_latent = causal_attention(q, kv, kv[..., : self.rank], self.softmax_scale, past)  # (B, H, T, rank)
+        return torch.einsum("bhtr,hvr->bthv", o_latent, w_uv.to(o_latent.dtype))
+
+    def init_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> LayerCache:
+        return LayerCache(1, latent=torch.zeros(batch, max_len, self.rank + self.rope, device=device, dtype=dtype))
+
+    @classmethod
+    def kv_cache_bytes_per_token(cls, config: NanoDeepSeekConfig, dtype: torch.dtype) -> int:
+        """Bytes one layer caches per token: the latent plus the shared rope key."""
+        return (config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize
+
+    @classmethod
+    def attention_flops_per_token(cls, config: NanoDeepSeekConfig, context: int, decode: bool) -> int:
+        """Score and value FLOPs of one layer for one query over `context` keys; absorbed when decoding."""
+        H, r, rope = config.n_head, config.kv_lora_rank, config.qk_rope_head_dim
+        if decode:
+            return 2 * H * (r + rope + r) * context
+        return 2 * H * (config.qk_nope_head_dim + rope + config.v_head_dim) * context

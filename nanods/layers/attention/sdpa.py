@@ -1,0 +1,19 @@
+"""Causal scaled-dot-product attention for a chunk of new queries after `past` cached positions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, past: int) -> torch.Tensor:
+    """q (B, H, T, D), k (B, Hk, S, D), v (B, Hk, S, Dv) with S = past + T; Hk divides H (GQA/MQA)."""
+    t, s = q.size(2), k.size(2)
+    gqa = k.size(1) != q.size(1)
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if t == 1:  # one new token sees everything cached
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    # query i sits at position past + i and sees keys 0..past + i
+    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=past)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

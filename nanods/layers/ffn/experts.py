@@ -1,0 +1,58 @@
+"""Routed experts as stacked 3-D weights, run on tokens sorted by expert (dropless, deterministic)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanods.layers.ffn.dense import activate
+
+KERNELS = ("auto", "grouped_mm", "loop")
+
+
+def pick_kernel(kernel: str, x: torch.Tensor) -> str:
+    """`auto`: F.grouped_mm on CUDA GPUs with bf16 tensor cores (SM80+) in bf16; a per-expert loop elsewhere.
+
+    On CPU (torch 2.13) grouped_mm is no faster than the loop in float32 and has no float64 kernel.
+    """
+    if kernel != "auto":
+        return kernel
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    if x.is_cuda and dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0):
+        return "grouped_mm"
+    return "loop"
+
+
+class RoutedExperts(nn.Module):
+    """num_experts FFNs: w_in (E, C, H or 2H for swiglu), w_out (E, H, C). Every expert is in every graph."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, activation: str, kernel: str = "auto") -> None:
+        super().__init__()
+        self.num_experts, self.activation, self.kernel = num_experts, activation, kernel
+        width = hidden * (2 if activation == "swiglu" else 1)
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, width))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        nn.init.normal_(self.w_in, std=0.02)
+        nn.init.normal_(self.w_out, std=0.02)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (N, C); weights, indices (N, K); counts (E,) tokens per expert -> (N, C)."""
+        N, K = indices.shape
+        order = indices.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
+        # expand instead of gathering x by token id, so the backward has no duplicate-index scatter-add
+        xs = x.unsqueeze(1).expand(N, K, x.size(-1)).reshape(N * K, -1)[order]
+        kernel = pick_kernel(self.kernel, x)
+        splits = counts.tolist() if kernel == "loop" else None  # the loop's one host sync per layer
+        h = activate(self._matmul(xs, self.w_in, counts, splits), self.activation)
+        ys = self._matmul(h, self.w_out, counts, splits)
+        ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
+        out = ys.new_empty(ys.shape).index_copy(0, order, ys)  # unsort: a permutation, no accumulation
+        return out.view(N, K, -1).sum(dim=1)
+
+    def _matmul(self, xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, splits: list[int] | None) -> torch.Tensor:
+        if splits is None:
+            dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+            offsets = counts.cumsum(0).to(torch.int32)
+            return F.grouped_mm(xs.to(dtype), w.to(dtype), offs=offsets)
+        return torch.cat([chunk @ w[e] for e, chunk in enumerate(xs.split(splits))])

@@ -1,0 +1,1 @@
+"""Router components (group `nanods.router`): sigmoid.py (DeepSeek-V3's default), softmax.py; shared helpers."""
