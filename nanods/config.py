@@ -105,14 +105,6 @@ class NanoDeepSeekConfig:
         self.validate()
 
     @property
-    def use_mla(self) -> bool:
-        return self.attention in MLA_ATTENTIONS
-
-    @property
-    def use_moe(self) -> bool:
-        return self.ffn == "moe"
-
-    @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
@@ -161,6 +153,14 @@ class NanoDeepSeekConfig:
     def from_dict(cls, values: dict[str, Any], where: str = "config") -> NanoDeepSeekConfig:
         """Build from plain values, checking names and types first (errors name the key)."""
         return cls(**check_fields(values, where))
+
+
+# use_mla / use_moe are constructor switches (InitVars) and, once built, read-only views of the
+# stored truth. The properties are attached after @dataclass has captured the InitVar defaults.
+NanoDeepSeekConfig.use_mla = property(lambda self: self.attention in MLA_ATTENTIONS,  # type: ignore[attr-defined]
+                                      doc="True when the attention is MLA-based.")
+NanoDeepSeekConfig.use_moe = property(lambda self: self.ffn == "moe",  # type: ignore[attr-defined]
+                                      doc="True when the FFN is the mixture of experts.")
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -231,6 +231,10 @@ def _type_name(hint: Any) -> str:
         typing.get_origin(hint) or hint, getattr(hint, "__name__", str(hint)))
 
 
+def _article(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
 def check_fields(values: dict[str, Any], where: str, cls: type = NanoDeepSeekConfig) -> dict[str, Any]:
     """Reject unknown keys (suggesting the closest) and wrongly typed values; return ints as floats where needed."""
     hints = _field_types(cls)
@@ -239,7 +243,7 @@ def check_fields(values: dict[str, Any], where: str, cls: type = NanoDeepSeekCon
         if key not in hints:
             raise NanodsError(f"unknown key '{key}' in {where}{did_you_mean(key, hints)}")
         if not _accepts(hints[key], value):
-            raise NanodsError(f"{where}.{key} must be a {_type_name(hints[key])}, got {value!r}")
+            raise NanodsError(f"'{key}' in {where} must be {_article(_type_name(hints[key]))}, got {value!r}")
         if hints[key] is float and isinstance(value, int):
             value = float(value)
         out[key] = value
@@ -356,7 +360,7 @@ def resolve_project(
     if chosen_scale is not None and not isinstance(chosen_scale, str):
         raise NanodsError(f"model.scale must be a string, got {chosen_scale!r}")
     values = preset(chosen_scale) if chosen_scale else {}
-    values.update(check_fields(model_values, "[model]"))
+    values.update(check_fields(model_values, f"[model] of {where}"))
     from nanods import registry  # late: config stays importable without the registry
 
     for group in ("attention", "ffn", "router"):
@@ -364,8 +368,8 @@ def resolve_project(
             registry.find(group, values[group])
     model = NanoDeepSeekConfig(**values)
     registry.check_options(model)
-    train = TrainSettings(**check_fields(merged["train"], "[train]", TrainSettings))
-    sample = SampleSettings(**check_fields(merged["sample"], "[sample]", SampleSettings))
+    train = TrainSettings(**check_fields(merged["train"], f"[train] of {where}", TrainSettings))
+    sample = SampleSettings(**check_fields(merged["sample"], f"[sample] of {where}", SampleSettings))
     return Project(model=model, train=train, sample=sample)
 
 

@@ -55,11 +55,12 @@ class MoE(KeepsFloat32):
         """Call the router and check its output against the contract (shape and dtype checks are free)."""
         out = self.router(x)
         expected = (*x.shape[:2], self.config.top_k)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # float32; float64 only for a float64 model
         problem = None
         if not isinstance(out, tuple) or len(out) not in (2, 3):
             problem = "must return (weights, indices) or (weights, indices, aux_loss)"
-        elif out[0].shape != expected or out[0].dtype != torch.float32:
-            problem = f"weights must be float32 {tuple(expected)}, got {out[0].dtype} {tuple(out[0].shape)}"
+        elif out[0].shape != expected or out[0].dtype != dtype:
+            problem = f"weights must be {dtype} {tuple(expected)}, got {out[0].dtype} {tuple(out[0].shape)}"
         elif out[1].shape != expected or out[1].dtype != torch.int64:
             problem = f"indices must be int64 {tuple(expected)}, got {out[1].dtype} {tuple(out[1].shape)}"
         if problem:

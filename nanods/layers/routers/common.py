@@ -11,7 +11,7 @@ from nanods.layers.fp32 import KeepsFloat32
 
 
 class Gate(KeepsFloat32):
-    """x -> expert logits, always in float32 with autocast off (subclasses add the scoring rule)."""
+    """x -> expert logits in float32 (float64 for a float64 model), autocast off; subclasses score them."""
 
     def __init__(self, config: NanoDeepSeekConfig, layer_idx: int) -> None:
         super().__init__()
@@ -20,7 +20,13 @@ class Gate(KeepsFloat32):
         nn.init.normal_(self.weight, std=0.02)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())
+        dtype = router_dtype(x)
+        return F.linear(x.to(dtype), self.weight.to(dtype))
+
+
+def router_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32, or the input's dtype when it is wider (float64 tests compare to ~1e-10)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def limited_topk(choice: torch.Tensor, config: NanoDeepSeekConfig) -> torch.Tensor:

@@ -22,7 +22,7 @@ class SigmoidRouter(Gate):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.autocast(device_type=x.device.type, enabled=False):
             scores = torch.sigmoid(self.logits(x))  # (B, T, E)
-            indices = limited_topk(scores + self.expert_bias, self.config)
+            indices = limited_topk(scores + self.expert_bias.to(scores.dtype), self.config)
             weights = finish_weights(scores.gather(-1, indices), self.config)
             if self.training and self.config.aux_loss_alpha > 0:
                 probs = scores / scores.sum(-1, keepdim=True)
