@@ -50,7 +50,7 @@ def stream(model: NanoDeepSeek, idx: torch.Tensor, max_new_tokens: int, temperat
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: callers may feed the output to autograd
             cache = model.init_cache(B, T + max_new_tokens) if use_cache else None
             seq = idx
             logits = model(idx, cache=cache)[:, -1]

@@ -101,7 +101,7 @@ class NanoDeepSeek(nn.Module):
         """Cache bytes per token over all layers, from the attention component's own formula."""
         return sum(type(b.attn).kv_cache_bytes_per_token(self.config, dtype) for b in self.blocks)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_id: int | None = None) -> torch.Tensor:
         """Extend idx (B, T) by up to max_new_tokens with the KV cache -> (B, T + new); see nanods.generate."""

@@ -1,0 +1,123 @@
+"""The model as a whole: training works, cached decode equals the full forward, generate's contract."""
+
+import pytest
+import torch
+
+from conftest import COMBOS, build, tiny_config
+from nanods import NanoDeepSeek, create_nano_deepseek
+
+
+@pytest.mark.parametrize("attention,ffn", COMBOS)
+def test_a_few_steps_lower_the_loss(attention, ffn):
+    model = build(attention=attention, ffn=ffn)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 128, (4, 33), generator=g)  # one fixed batch: the loss must fall
+    losses = []
+    for _ in range(15):
+        loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("attention,ffn", COMBOS)
+def test_incremental_decode_equals_full_forward(float64, attention, ffn):
+    model = build(attention=attention, ffn=ffn).eval()
+    idx = torch.randint(0, 128, (2, 20))
+    full = model(idx)
+    cache = model.init_cache(2, 20)
+    pieces = [model(idx[:, :7], cache=cache)]  # prefill, then one token at a time
+    pieces += [model(idx[:, t:t + 1], cache=cache, start_pos=t) for t in range(7, 12)]
+    pieces.append(model(idx[:, 12:], cache=cache, start_pos=12))  # a multi-token chunk after a prefix
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("attention,ffn", COMBOS)
+def test_incremental_decode_float32(attention, ffn):
+    model = build(attention=attention, ffn=ffn).eval()
+    idx = torch.randint(0, 128, (2, 16))
+    full = model(idx)
+    cache = model.init_cache(2, 16)
+    inc = torch.cat([model(idx[:, :4], cache=cache)] + [model(idx[:, t:t + 1], cache=cache, start_pos=t)
+                                                          for t in range(4, 16)], dim=1)
+    torch.testing.assert_close(inc, full, rtol=1e-4, atol=1e-4)
+
+
+def test_gqa_shares_kv_heads(float64):
+    """n_kv_head=2 of 4: equal to MHA whose key/value heads are the GQA ones repeated."""
+    gqa = build(attention="mha", ffn="dense", n_kv_head=2, n_layer=1).eval()
+    mha = build(attention="mha", ffn="dense", n_kv_head=4, n_layer=1).eval()
+    mha.load_state_dict({k: v for k, v in gqa.state_dict().items() if "wkv" not in k}, strict=False)
+    k, v = gqa.blocks[0].attn.wkv.weight.view(2, 2, 16, 64).unbind(0)  # (kv_head, dim, C)
+    rep = lambda w: w.repeat_interleave(2, dim=0).reshape(64, 64)  # noqa: E731
+    mha.blocks[0].attn.wkv.weight.data = torch.cat([rep(k), rep(v)])
+    idx = torch.randint(0, 128, (2, 12))
+    assert gqa.blocks[0].attn.wkv.weight.shape[0] == 2 * 2 * 16
+    torch.testing.assert_close(gqa(idx), mha(idx), atol=1e-10, rtol=0)
+
+
+def test_generate_contract():
+    model = build()
+    idx = torch.randint(0, 128, (3, 5))
+    state = torch.get_rng_state()
+    a = model.generate(idx, 10, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    b = model.generate(idx, 10, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    assert torch.equal(torch.get_rng_state(), state), "generate touched the global RNG"
+    assert a.shape == (3, 15) and torch.equal(a, b) and torch.equal(a[:, :5], idx)
+    greedy = model.generate(idx, 10, temperature=0)
+    logits = model.eval()(greedy[:, :-1])  # each greedy token is the argmax of the full forward
+    assert torch.equal(logits[:, 4:].argmax(-1), greedy[:, 5:])
+
+
+def test_generate_never_samples_ids_beyond_the_tokenizer():
+    model = build(tokenizer_vocab_size=100)
+    with torch.no_grad():
+        model.lm_head.weight[100:] += 10.0  # make padded ids the most likely
+    out = model.generate(torch.zeros(4, 1, dtype=torch.long), 30, temperature=1.0, seed=0)
+    assert int(out.max()) < 100
+
+
+def test_generate_stops_rows_at_eos():
+    model = build()
+    idx = torch.randint(0, 128, (2, 3))
+    first = model.generate(idx, 1, temperature=0)[:, -1]
+    eos = int(first[0])  # row 0 emits eos at once; it must keep emitting it
+    out = model.generate(idx, 6, temperature=0, eos_id=eos)
+    assert (out[0, 3:] == eos).all()
+
+
+def test_generate_refuses_beyond_sequence_len():
+    model = build()
+    with pytest.raises(ValueError, match="sequence_len"):
+        model.generate(torch.zeros(1, 60, dtype=torch.long), 10)
+
+
+def test_tied_embeddings_share_storage():
+    model = build(tie_embeddings=True)
+    assert model.lm_head.weight is model.embed.weight
+
+
+def test_seed_api_builds_all_four_small_models():
+    for a in (0, 1):
+        for b in (0, 1):
+            with torch.device("meta"):
+                model = create_nano_deepseek(scale="small", use_mla=a, use_moe=b)
+            assert model.config.use_mla == bool(a) and model.config.use_moe == bool(b)
+            assert isinstance(model, NanoDeepSeek)
+
+
+def test_first_k_dense_layers_are_dense():
+    model = build(n_layer=3, first_k_dense=1)
+    kinds = [type(b.ffn).__name__ for b in model.blocks]
+    assert kinds == ["DenseFFN", "MoE", "MoE"]
+
+
+def test_swiglu_and_norm_weights_train():
+    model = build(activation="swiglu", norm_weights=True)
+    idx = torch.randint(0, 128, (2, 9))
+    model(idx[:, :-1], idx[:, 1:]).backward()
+    assert model.norm.weight.grad is not None
+    assert tiny_config(activation="swiglu").ffn_hidden % 64 == 0
