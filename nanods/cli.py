@@ -89,6 +89,113 @@ def init(
 
 
 # ---------------------------------------------------------------------------------------------
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Project file [default: ./nanods.toml if present].")] = None,
+    scale: Annotated[Optional[str], typer.Option(help="Preset: tiny, small, base, large (overrides [model] scale).")] = None,
+    attention: Annotated[Optional[str], typer.Option(help="Attention component, e.g. mla or mha.")] = None,
+    ffn: Annotated[Optional[str], typer.Option(help="FFN component, e.g. moe or dense.")] = None,
+    router: Annotated[Optional[str], typer.Option(help="Router component, e.g. sigmoid or softmax.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Corpus: stdlib, or a .txt file, a folder, a .jsonl.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Total optimizer steps of the run.")] = None,
+    time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Fit the run into e.g. 90s, 5m, 1h.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run directory for checkpoints, metrics.jsonl, loss.png.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Start a new run from a checkpoint's weights.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto (bf16 where native, else fp32), float32/fp32, bfloat16/bf16.")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override any key: --set model.n_layer=4 --set train.lr=1e-3.")] = None,
+) -> None:
+    """Train a model on the embedded Python-stdlib corpus (or your data); no download needed.
+
+    Examples:
+      nanods train --scale tiny --steps 40 --out runs/tiny
+      nanods train --scale small                    # the default project, about 8 minutes on a laptop CPU
+      nanods train --resume --out runs/tiny --steps 80
+    Ctrl-C stops at the next step, saves, and prints how to resume.
+    """
+    from nanods.config import load_project
+    from nanods.train.loop import RunOptions, train as run_training
+
+    cli = {"model": {"attention": attention, "ffn": ffn, "router": router},
+           "train": {"data": data, "steps": steps, "time_budget": time_budget, "out": out, "device": device, "dtype": dtype}}
+    project = load_project(config, scale=scale, cli=cli, sets=sets)
+    code = run_training(project, RunOptions(resume=resume, init_from=init_from, overwrite=overwrite,
+                                            steps_given=steps is not None))
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def sample(
+    ckpt: Annotated[Path, typer.Argument(help="A checkpoint written by nanods train.")],
+    prompt: Annotated[Optional[str], typer.Option(help="Text to continue [default: stdin if piped, else a new document].")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Read the prompt from a file.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens.")] = 50,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Same seed, same text.")] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Samples, batched in one forward.")] = 1,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole prefix each step (for comparison).")] = False,
+    speculative: Annotated[bool, typer.Option("--speculative", help="Self-speculative decoding with the MTP modules.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No timing line on stderr.")] = False,
+) -> None:
+    """Generate text from a checkpoint, streaming it to stdout (decode runs on the KV cache)."""
+    import time
+
+    import torch
+
+    from nanods.checkpoint import load
+    from nanods.device import resolve_device
+    from nanods.generate import stream
+    from nanods.tokenizer import StreamDecoder
+
+    if prompt is not None and prompt_file is not None:
+        raise NanodsError("give --prompt or --prompt-file, not both")
+    if max_new_tokens < 1 or num_samples < 1 or temperature < 0:
+        raise NanodsError("--max-new-tokens and --num-samples must be positive, --temperature >= 0")
+    model, tokenizer = load(ckpt, resolve_device(device))
+    if speculative and model.config.mtp_depth < 1:
+        raise NanodsError("--speculative needs a model trained with mtp_depth >= 1; this one has mtp_depth = 0")
+    if prompt_file is not None:
+        prompt = prompt_file.read_text(encoding="utf-8")
+    elif prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    ids = [tokenizer.eot_id] + tokenizer.encode(prompt or "")
+    limit = model.config.sequence_len
+    if len(ids) + max_new_tokens > limit:
+        raise NanodsError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's "
+                          f"context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
+    idx = torch.tensor([ids] * num_samples, device=model.lm_head.weight.device)
+    decoders = [StreamDecoder(tokenizer) for _ in range(num_samples)]
+    texts = [""] * num_samples
+    start, produced = time.perf_counter(), 0
+    for token in stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eot_id, not no_cache):
+        produced += 1
+        for i, t in enumerate(token.tolist()):
+            piece = "" if t == tokenizer.eot_id else decoders[i].push([t])
+            if num_samples == 1:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            else:
+                texts[i] += piece
+    seconds = time.perf_counter() - start
+    for i, decoder in enumerate(decoders):
+        texts[i] += decoder.flush()
+    if num_samples == 1:
+        sys.stdout.write(texts[0] + "\n")
+    else:
+        sys.stdout.write("\n".join(f"--- sample {i + 1} ---\n{t}" for i, t in enumerate(texts)) + "\n")
+    if not quiet:
+        cache = model.kv_cache_bytes_per_token(model.lm_head.weight.dtype) * (len(ids) + produced) * num_samples
+        err.print(f"{produced * num_samples} tokens in {seconds:.2f} s ({produced * num_samples / seconds:,.1f} tok/s, "
+                  f"{'no cache' if no_cache else f'KV cache {_fmt_bytes(cache)}'})", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
 def _fmt_count(n: float) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:
@@ -177,19 +284,31 @@ def _print_inspect(info: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+def _click_classes(name: str) -> tuple[type, ...]:
+    """click's exception class and the copy typer vendors (typer >= 0.2x ships its own click)."""
+    modules = [click.exceptions]
+    try:
+        import typer._click.exceptions as vendored
+
+        modules.append(vendored)
+    except ImportError:
+        pass
+    return tuple(getattr(m, name) for m in modules if hasattr(m, name))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one clear line per error (traceback with --debug), DESIGN's exit codes."""
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else argv
     debug = DEBUG["on"] or "--debug" in args
     try:
-        command.main(args=args, prog_name="nanods", standalone_mode=False)
-    except click.exceptions.Exit as e:
+        code = command.main(args=args, prog_name="nanods", standalone_mode=False)
+    except _click_classes("Exit") as e:
         sys.exit(e.exit_code)
-    except click.UsageError as e:
+    except _click_classes("ClickException") as e:  # usage errors: click prints them with the usage line
         e.show()
-        sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.exit(e.exit_code)
+    except (*_click_classes("Abort"), KeyboardInterrupt):
         err.print("interrupted")
         sys.exit(130)
     except NanodsError as e:
@@ -203,3 +322,4 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))} (run with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

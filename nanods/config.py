@@ -255,20 +255,72 @@ def check_fields(values: dict[str, Any], where: str, cls: type = NanoDeepSeekCon
 
 @dataclass
 class TrainSettings:
-    """[train]: how `nanods train` runs (the train issue extends this)."""
+    """[train]: how `nanods train` runs."""
 
-    data: str = "stdlib"
-    tokenizer: str = "bpe"
-    steps: int = 200
-    batch_size: int = 8
+    data: str = "stdlib"  # "stdlib", or a path: .txt file, folder, .jsonl with a "text" field
+    extensions: list[str] = field(default_factory=lambda: [".py", ".txt", ".md"])  # for folder corpora
+    tokenizer: str = "bpe"  # "bpe" (trained on the data, cached) or "byte"
+    steps: int = 200  # total optimizer steps of the run
+    time_budget: str | None = None  # e.g. "8m": plan the step count to fit (measured after a few steps)
+    batch_size: int = 8  # sequences per optimizer step
+    micro_batch_size: int | None = None  # sequences per forward (gradient accumulation); -> batch_size
     seq_len: int = 256
+    optimizer: str = "adamw"
     lr: float = 3e-3
-    time_budget: str | None = None
+    weight_decay: float = 0.1  # matrices only: never norms, biases or embeddings
+    warmup_steps: int = 20
+    decay_frac: float = 0.2  # the last fraction of steps decays the lr linearly to 0 (warmup-stable-decay)
+    grad_clip: float = 1.0
     out: str = "runs/nanods"
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 1337
     eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10  # progress lines when stderr is not a terminal
+    sample_tokens: int = 200  # the sample printed at the end (0: none)
+    compile: bool = False  # torch.compile the model
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
+            if getattr(self, name) <= 0:
+                raise NanodsError(f"train.{name} must be positive, got {getattr(self, name)}")
+        micro = self.micro_batch_size or self.batch_size
+        if micro <= 0 or self.batch_size % micro:
+            raise NanodsError(f"train.micro_batch_size ({micro}) must divide train.batch_size ({self.batch_size})")
+        if self.lr <= 0 or not 0 <= self.decay_frac <= 1 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise NanodsError("train.lr must be > 0, decay_frac in [0, 1], warmup_steps and grad_clip >= 0")
+        if self.optimizer not in ("adamw", "muon"):
+            raise NanodsError(f"unknown train.optimizer '{self.optimizer}'{did_you_mean(self.optimizer, ['adamw', 'muon'])}; "
+                              "use adamw or muon")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
+
+    @property
+    def budget_seconds(self) -> float | None:
+        return parse_duration(self.time_budget) if self.time_budget else None
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '5m', '1.5h' or a plain number of seconds -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    raw = text.strip().lower()
+    try:
+        value = float(raw[:-1]) * units[raw[-1]] if raw and raw[-1] in units else float(raw)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise NanodsError(f"time budget '{text}' is not a duration; use e.g. 90s, 5m or 1.5h")
+    return value
+
+
+# Training defaults per scale, applied like the model presets (before nanods.toml and the CLI).
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(steps=200, batch_size=8, seq_len=128, lr=3e-3, eval_every=50),
+    "small": dict(steps=2000, time_budget="8m", batch_size=8, seq_len=256, lr=2e-3, eval_every=50),
+    "base": dict(steps=5000, batch_size=32, seq_len=512, lr=1e-3, eval_every=250),
+    "large": dict(steps=10000, batch_size=64, seq_len=1024, lr=6e-4, eval_every=500),
+}
 
 
 @dataclass
@@ -368,7 +420,9 @@ def resolve_project(
             registry.find(group, values[group])
     model = NanoDeepSeekConfig(**values)
     registry.check_options(model)
-    train = TrainSettings(**check_fields(merged["train"], f"[train] of {where}", TrainSettings))
+    train_values = dict(TRAIN_PRESETS[chosen_scale]) if chosen_scale else {}
+    train_values.update(check_fields(merged["train"], f"[train] of {where}", TrainSettings))
+    train = TrainSettings(**train_values)
     sample = SampleSettings(**check_fields(merged["sample"], f"[sample] of {where}", SampleSettings))
     return Project(model=model, train=train, sample=sample)
 

@@ -1,0 +1,145 @@
+"""Checkpoints: one self-contained .safetensors (weights + config + tokenizer) and a training-state file.
+
+Write order makes a kill at any moment safe: the new training state is written first (named by
+its step), then the weights file is replaced atomically (same-directory temp file, fsync,
+os.replace), and only then are older state files removed. The weights file names its step, so
+it always has its matching state beside it. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+
+import nanods
+from nanods import registry
+from nanods.config import NanoDeepSeekConfig
+from nanods.errors import NanodsError
+from nanods.model import NanoDeepSeek
+from nanods.safetensors_header import read_header
+from nanods.tokenizer import Tokenizer
+
+WEIGHTS = "ckpt.safetensors"
+_STATE = re.compile(r"train_state_(\d+)\.safetensors$")
+
+
+def state_path(out_dir: Path, step: int) -> Path:
+    return out_dir / f"train_state_{step:07d}.safetensors"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write data to path so that readers see the old file or the new one, never a torn one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def weights_metadata(model: NanoDeepSeek, tokenizer: Tokenizer, step: int, data: dict[str, Any],
+                     expert_load: list[list[float]] | None) -> dict[str, str]:
+    meta = {
+        "nanods.config": model.config.to_json(),
+        "nanods.tokenizer": tokenizer.to_json(),
+        "nanods.version": nanods.__version__,
+        "nanods.step": str(step),
+        "nanods.components": json.dumps(registry.describe(model.config)),
+        "nanods.data": json.dumps(data),
+    }
+    if expert_load is not None:
+        meta["nanods.expert_load"] = json.dumps(expert_load)
+    return meta
+
+
+def _weights(model: NanoDeepSeek) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # the same storage as embed.weight; restored by tying on load
+    return state
+
+
+def save(out_dir: str | Path, model: NanoDeepSeek, tokenizer: Tokenizer, step: int, data: dict[str, Any],
+         train_state: dict[str, torch.Tensor], train_meta: dict[str, Any],
+         expert_load: list[list[float]] | None = None) -> Path:
+    """Save weights and training state for `step`; returns the weights path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    new_state = state_path(out_dir, step)
+    atomic_write(new_state, save_bytes({k: v.contiguous() for k, v in train_state.items()},
+                                       {"nanods.train": json.dumps(train_meta), "nanods.step": str(step)}))
+    weights = out_dir / WEIGHTS
+    atomic_write(weights, save_bytes(_weights(model), weights_metadata(model, tokenizer, step, data, expert_load)))
+    for old in out_dir.glob("train_state_*.safetensors"):
+        if old != new_state and _STATE.search(old.name):
+            old.unlink(missing_ok=True)
+    return weights
+
+
+def _config_from(metadata: dict[str, str], path: Path) -> NanoDeepSeekConfig:
+    if "nanods.config" not in metadata:
+        raise NanodsError(f"'{path}' has no nanods metadata (nanods.config): it was not written by nanods")
+    config = NanoDeepSeekConfig.from_dict(json.loads(metadata["nanods.config"]), f"nanods.config of {path}")
+    provided = json.loads(metadata.get("nanods.components", "{}"))
+    for group, name in registry.selected(config).items():
+        try:
+            registry.find(group, name)
+        except NanodsError:
+            dist = provided.get(group, {}).get("dist", "the package that provides it")
+            raise NanodsError(f"'{path}' needs {group} '{name}' from package '{dist}', which is not installed: "
+                              f"pip install {dist}") from None
+    return config
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[NanoDeepSeek, Tokenizer]:
+    """A checkpoint -> (model in eval mode, tokenizer). Reads tensors with safetensors only (no pickle)."""
+    path = Path(path)
+    _, metadata = read_header(path)
+    config = _config_from(metadata, path)
+    tokenizer = Tokenizer.from_json(metadata["nanods.tokenizer"])
+    with torch.device("meta"):
+        model = NanoDeepSeek(config)
+    state = load_bytes(path.read_bytes())
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise NanodsError(f"'{path}' does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    _materialize_buffers(model)
+    return model.to(device).eval(), tokenizer
+
+
+def _materialize_buffers(model: NanoDeepSeek) -> None:
+    """Non-persistent buffers (expert counts) are not in the file: give them real zeros."""
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                module.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype), persistent=False)
+
+
+def latest_state(out_dir: Path, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The training state matching the weights' step."""
+    path = state_path(out_dir, step)
+    if not path.is_file():
+        raise NanodsError(f"no training state for step {step} in '{out_dir}' ({path.name} is missing); "
+                          "start a new run with --init-from instead")
+    _, metadata = read_header(path)
+    return load_bytes(path.read_bytes()), json.loads(metadata["nanods.train"])

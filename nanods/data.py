@@ -1,0 +1,304 @@
+"""Corpora, cached tokenization and the deterministic batch sampler.
+
+The default corpus is the running interpreter's standard library, so training needs no download.
+Splits are decided by hashing each file's relative path (or each document's text), so a file
+never moves between train and val when others are added or removed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import os
+import platform
+import re
+import sysconfig
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+from nanods.errors import NanodsError, did_you_mean
+from nanods.tokenizer import Tokenizer, byte_tokenizer, train_bpe
+
+VAL_FRACTION = 0.05
+STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
+TOKENIZER_KINDS = ("bpe", "byte")
+
+
+@dataclass
+class Corpus:
+    """A text corpus split into train and val documents.
+
+    train_names/val_names are the files' relative paths for folder corpora (stdlib included; a lone
+    file is in both, cut by characters), empty otherwise; skipped lists stdlib files left out
+    because they are not UTF-8. n_bytes is the UTF-8 size of all documents.
+    """
+
+    name: str
+    fingerprint: str
+    split_rule: str
+    train: list[str]
+    val: list[str]
+    n_bytes: int
+    train_names: list[str] = field(default_factory=list)
+    val_names: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TokenSplits:
+    """Each split's documents as one id array, every document followed by <|endoftext|>."""
+
+    train: np.ndarray
+    val: np.ndarray
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hash_share(key: str) -> float:
+    """Where key's hash falls in [0, 1): the split coordinate of a file or document."""
+    return int(_sha256(key.encode())[:8], 16) / 2**32
+
+
+def _split(keys: list[str]) -> tuple[list[int], list[int], bool]:
+    """(train indices, val indices, adjusted) for two or more keys: val = the keys hashing into the
+    lowest VAL_FRACTION, but never none nor all of them (then `adjusted` is True)."""
+    shares = [_hash_share(k) for k in keys]
+    by_share = sorted(range(len(keys)), key=shares.__getitem__)
+    n_hashed = sum(s < VAL_FRACTION for s in shares)
+    n_val = min(max(n_hashed, 1), len(keys) - 1)
+    val = set(by_share[:n_val])
+    return [i for i in range(len(keys)) if i not in val], sorted(val), n_val != n_hashed
+
+
+def _pick(items: list[str], indices: list[int]) -> list[str]:
+    return [items[i] for i in indices]
+
+
+def _build(name: str, fingerprint: str, rule: str, docs: list[str], keys: list[str],
+           names: list[str] | None = None, skipped: list[str] | None = None, looked_for: str = "text") -> Corpus:
+    """Split docs by their keys' hashes into a Corpus; a single document is cut by characters."""
+    if not docs:
+        raise NanodsError(f"no documents found in '{name}' (looked for non-empty {looked_for}); "
+                          "point data at a corpus with some text")
+    n_bytes = sum(len(d.encode()) for d in docs)
+    if len(docs) == 1:
+        cut = min(len(docs[0]) - 1, max(1, round(len(docs[0]) * (1 - VAL_FRACTION))))  # both sides non-empty
+        return Corpus(name, fingerprint, "a single document: first 95 % of its characters train, the rest val",
+                      [docs[0][:cut]], [docs[0][cut:]], n_bytes, names or [], names or [], skipped or [])
+    train, val, adjusted = _split(keys)
+    if adjusted:
+        rule += f" (adjusted to {len(val)} of {len(docs)} so both splits are non-empty)"
+    return Corpus(name, fingerprint, rule, _pick(docs, train), _pick(docs, val), n_bytes,
+                  _pick(names, train) if names else [], _pick(names, val) if names else [], skipped or [])
+
+
+def _walk(root: Path, skip_dir: Callable[[str], bool], keep_file: Callable[[str], bool]) -> Iterator[tuple[str, Path]]:
+    """(posix relative path, path) of the files under root, in sorted order so corpora are deterministic."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not skip_dir(d))
+        for name in sorted(filenames):
+            if keep_file(name):
+                path = Path(dirpath, name)
+                yield path.relative_to(root).as_posix(), path
+
+
+def _read_files(name: str, files: Iterator[tuple[str, Path]], tag: str, strict: bool, looked_for: str) -> Corpus:
+    """A corpus of whole files split by relative-path hash; non-UTF-8 files are an error when strict,
+    else skipped and listed."""
+    docs, names, skipped = [], [], []
+    digest = hashlib.sha256(tag.encode())
+    for rel, path in files:
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if strict:
+                raise NanodsError(f"'{path}' is not UTF-8 text ({e.reason} at byte {e.start}); "
+                                  "convert it or remove it from the data folder") from e
+            skipped.append(rel)
+            continue
+        if text:
+            docs.append(text)
+            names.append(rel)
+            digest.update(f"\0{rel}\0{_sha256(raw)}".encode())
+    rule = f"val = files whose sha256(relative path) falls in the lowest {VAL_FRACTION:.0%}"
+    return _build(name, digest.hexdigest()[:16], rule, docs, names, names, skipped, looked_for)
+
+
+def _stdlib_skip(dirname: str) -> bool:
+    return dirname in STDLIB_SKIP_DIRS or dirname.startswith("test_")
+
+
+def _folder_skip(dirname: str) -> bool:
+    return dirname.startswith(".") or dirname == "__pycache__"
+
+
+def _stdlib() -> Corpus:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = _walk(root, _stdlib_skip, lambda f: f.endswith(".py"))
+    return _read_files("stdlib", files, f"stdlib {platform.python_version()}", strict=False,
+                       looked_for=f".py files under {root}")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NanodsError(f"'{path}' is not UTF-8 text ({e.reason} at byte {e.start}); convert it first") from e
+
+
+def _documents(spec: str, tag: str, docs: list[str], unit: str, raw: str) -> Corpus:
+    """A corpus of documents from one file, split by each document's hash."""
+    rule = f"val = {unit} whose sha256(text) falls in the lowest {VAL_FRACTION:.0%}"
+    return _build(spec, _sha256(f"{tag}\0{raw}".encode())[:16], rule, docs, docs)
+
+
+def _jsonl(spec: str, path: Path) -> Corpus:
+    raw = _read_text(path)
+    docs = []
+    for n, line in enumerate(raw.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NanodsError(f"line {n} of '{path}' is not valid JSON ({e.msg}); each line must be "
+                              '{"text": "..."}') from e
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise NanodsError(f'line {n} of \'{path}\' has no "text" string field; each line must be '
+                              '{"text": "..."}')
+        if obj["text"]:
+            docs.append(obj["text"])
+    return _documents(spec, "jsonl", docs, "documents", raw)
+
+
+def _text_file(spec: str, path: Path) -> Corpus:
+    raw = _read_text(path)
+    paragraphs = [p for p in re.split(r"\r?\n\s*\n", raw) if p.strip()]
+    if len(paragraphs) > 1:
+        return _documents(spec, "paragraphs", paragraphs, "paragraphs (split at blank lines)", raw)
+    return _documents(spec, "lines", [ln for ln in raw.splitlines() if ln.strip()], "lines", raw)
+
+
+def load_corpus(spec: str = "stdlib", extensions: tuple[str, ...] = (".py", ".txt", ".md")) -> Corpus:
+    """The corpus named by spec: "stdlib", a .jsonl file ({"text": ...} per line), any other file
+    (plain text: paragraphs, or lines when there are no blank lines), or a folder (its files ending
+    in one of extensions, recursively; hidden entries and __pycache__ are skipped)."""
+    if spec == "stdlib":
+        return _stdlib()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise NanodsError(f"data path '{spec}' not found{did_you_mean(spec, ['stdlib'])}; use 'stdlib', "
+                          "a .txt or .jsonl file, or a folder of text files")
+    if path.is_dir():
+        files = _walk(path, _folder_skip, lambda f: not f.startswith(".") and f.endswith(extensions))
+        return _read_files(spec, files, f"folder {' '.join(extensions)}", strict=True,
+                           looked_for=f"files ending in {', '.join(extensions)}")
+    if path.suffix == ".jsonl":
+        return _jsonl(spec, path)
+    return _text_file(spec, path)
+
+
+def cache_dir() -> Path:
+    """Where tokenizers and token files are cached: $NANODS_CACHE, else ~/.cache/nanods."""
+    return Path(os.environ.get("NANODS_CACHE") or "~/.cache/nanods").expanduser()
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write path through a temp file in the same folder + os.replace, so readers (and concurrent
+    ranks) see either nothing or the complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_tokenizer(corpus: Corpus, kind: str, vocab_size: int) -> Tokenizer:
+    """The byte tokenizer (vocab_size ignored), or a BPE of vocab_size trained on corpus.train, cached
+    by corpus fingerprint so each corpus trains it once."""
+    if kind == "byte":
+        return byte_tokenizer()
+    if kind != "bpe":
+        raise NanodsError(f"unknown tokenizer '{kind}'{did_you_mean(kind, TOKENIZER_KINDS)}; "
+                          f"choose one of {', '.join(TOKENIZER_KINDS)}")
+    path = cache_dir() / "tokenizers" / f"{corpus.fingerprint}-bpe{vocab_size}.json"
+    if path.exists():
+        return Tokenizer.from_json(path.read_text(encoding="utf-8"))
+    tokenizer = train_bpe(corpus.train, vocab_size)
+    _atomic_write(path, lambda f: f.write(tokenizer.to_json().encode()))
+    return tokenizer
+
+
+def _token_dtype(tokenizer: Tokenizer) -> type[np.unsignedinteger]:
+    return np.uint16 if len(tokenizer) <= 2**16 else np.uint32
+
+
+def _write_tokens(f: BinaryIO, docs: list[str], tokenizer: Tokenizer, dtype: type[np.unsignedinteger],
+                  chunk: int = 256) -> None:
+    """Stream docs' ids (each followed by eot) to f, encoding a chunk of documents at a time."""
+    for start in range(0, len(docs), chunk):
+        ids = tokenizer.encode_batch(docs[start:start + chunk])
+        flat = itertools.chain.from_iterable(itertools.chain(d, (tokenizer.eot_id,)) for d in ids)
+        np.fromiter(flat, dtype=dtype, count=sum(map(len, ids)) + len(ids)).tofile(f)
+
+
+def tokenize(corpus: Corpus, tokenizer: Tokenizer) -> TokenSplits:
+    """Both splits as read-only memmaps, built once and cached by corpus and tokenizer fingerprints."""
+    dtype = _token_dtype(tokenizer)
+    arrays = {}
+    for split in ("train", "val"):
+        path = cache_dir() / "tokens" / f"{corpus.fingerprint}-{tokenizer.fingerprint()}-{split}.bin"
+        if not path.exists():
+            _atomic_write(path, functools.partial(_write_tokens, docs=getattr(corpus, split),
+                                                  tokenizer=tokenizer, dtype=dtype))
+        arrays[split] = np.memmap(path, dtype=dtype, mode="r")
+    return TokenSplits(**arrays)
+
+
+class Batches:
+    """Deterministic (x, y) batches: batch `step` depends only on (seed, step, micro), so a resumed
+    run sees exactly the batches the uninterrupted run would have.
+
+    Each step draws the offsets of the global batch (world_size * batch_size rows) and each rank
+    takes its own rows: ranks see different data, and world_size ranks at batch_size see the same
+    data as one process at world_size * batch_size.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if len(tokens) < seq_len + 1:
+            raise NanodsError(f"the data has {len(tokens):,} tokens but a sequence of {seq_len} needs at least "
+                              f"{seq_len + 1}; use a smaller sequence_len or more data")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.tokens = tokens
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) int64 tensors of shape (batch_size, seq_len) on the CPU; y is x shifted by one token."""
+        key = _sha256(f"nanods-batches {self.seed} {step} {micro}".encode())
+        generator = torch.Generator().manual_seed(int(key[:16], 16))
+        n_starts = len(self.tokens) - self.seq_len  # the last start still leaves room for the target
+        offsets = torch.randint(n_starts, (self.world_size * self.batch_size,), generator=generator)
+        mine = offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+        rows = np.stack([self.tokens[o:o + self.seq_len + 1] for o in mine]).astype(np.int64)
+        buf = torch.from_numpy(rows)
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()

@@ -1,0 +1,33 @@
+"""The machine's measured matmul peak, the denominator of every MFU figure."""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@lru_cache(maxsize=8)
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 0.3) -> float:
+    """Best observed FLOP/s of a square matmul on this device and dtype (grows size on fast devices)."""
+    if device.type == "cuda":
+        size = 8192
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm up kernels and caches
+    _sync(device)
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0))
+    return best

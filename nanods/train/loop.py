@@ -1,0 +1,349 @@
+"""`nanods train`: build data, tokenizer and model, then run optimizer steps with safe checkpoints.
+
+A run is fully determined by its settings: batches are drawn from (seed, step), the schedule
+from (step, total), so an interrupted run resumed from its checkpoint repeats the
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanods import checkpoint
+from nanods.config import NanoDeepSeekConfig, Project, _round_up
+from nanods.data import Batches, Corpus, load_corpus, load_tokenizer, tokenize
+from nanods.device import resolve_device, resolve_dtype
+from nanods.errors import NanodsError
+from nanods.flops import flops_per_token
+from nanods.layers.ffn.moe import update_expert_bias
+from nanods.model import NanoDeepSeek
+from nanods.peak import matmul_peak
+from nanods.tokenizer import Tokenizer
+from nanods.train.optim import build_optimizer
+from nanods.train.report import TrainReport
+from nanods.train.schedule import lr_factor
+
+# settings that must not change under --resume (everything that decides what a step computes)
+FROZEN_TRAIN = ("data", "extensions", "tokenizer", "batch_size", "micro_batch_size", "seq_len", "seed", "optimizer")
+
+
+@dataclass
+class RunOptions:
+    """What the command line adds to a project: where to write and how to start."""
+
+    resume: bool = False
+    init_from: str | None = None
+    overwrite: bool = False
+    steps_given: bool = False  # --steps was passed: on resume, re-plan the schedule's tail to it
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop at the next optimizer step (a second Ctrl-C still aborts)."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.set and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
+    return [f"{prefix}{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _sized_config(config: NanoDeepSeekConfig, tokenizer: Tokenizer) -> NanoDeepSeekConfig:
+    """The model's vocabulary is the tokenizer's real size, rounded up to a multiple of 64."""
+    values = config.to_dict()
+    values.update(vocab_size=_round_up(len(tokenizer), 64), tokenizer_vocab_size=len(tokenizer))
+    return NanoDeepSeekConfig(**values)
+
+
+def _bytes_per_token(corpus: Corpus, n_tokens: int) -> float:
+    return sum(len(doc.encode("utf-8")) for doc in corpus.val) / max(1, n_tokens)
+
+
+class Trainer:
+    def __init__(self, project: Project, out_dir: Path, run: RunOptions) -> None:
+        self.settings = s = project.train
+        self.out_dir, self.opts = out_dir, run
+        self.device = resolve_device(s.device)
+        self.dtype = resolve_dtype(s.dtype, self.device)
+        self.report = TrainReport(out_dir, s.steps, 0, s.log_every)
+        self.report.print(f"device {self.device}, dtype {str(self.dtype).removeprefix('torch.')}"
+                          + (" (auto: no native bf16 matmul here)" if s.dtype == "auto" and self.dtype == torch.float32
+                             else " (auto)" if s.dtype == "auto" else ""))
+        self._check_out_dir()
+        resumed = self._resume_state() if run.resume else None
+        self.corpus = load_corpus(s.data, tuple(s.extensions))
+        source = resumed or (self._init_source() if run.init_from else None)
+        if source is not None:
+            model_config, tokenizer = source["config"], source["tokenizer"]
+        else:
+            tokenizer = load_tokenizer(self.corpus, s.tokenizer, project.model.vocab_size)
+            model_config = _sized_config(project.model, tokenizer)
+        self.tokenizer = tokenizer
+        if resumed is not None:
+            self._refuse_changes(resumed, project, model_config)
+        tokens = tokenize(self.corpus, tokenizer)
+        self.train_tokens, self.val_tokens = tokens.train, tokens.val
+        self.bytes_per_token = _bytes_per_token(self.corpus, len(tokens.val))
+        micro = s.micro_batch_size or s.batch_size
+        self.accum = s.batch_size // micro
+        self.batches = Batches(self.train_tokens, micro, s.seq_len, s.seed)
+        self.val_batches = Batches(self.val_tokens, micro, s.seq_len, s.seed + 1)
+        if s.seq_len > model_config.sequence_len:
+            raise NanodsError(f"train.seq_len ({s.seq_len}) exceeds the model's sequence_len ({model_config.sequence_len})")
+
+        torch.manual_seed(s.seed)
+        self.model = NanoDeepSeek(model_config).to(self.device)
+        if source is not None:
+            self.model.load_state_dict(source["weights"], strict=not model_config.tie_embeddings)
+        self.optimizer = build_optimizer(self.model, s, self.device)
+        self.step, self.total, self.elapsed, self.tokens_seen = 0, s.steps, 0.0, 0
+        if resumed is not None:
+            self._load_train_state(resumed)
+        self.loss_terms = torch.compile(self.model.loss_terms) if s.compile else self.model.loss_terms
+        self.flops_per_step = 3 * flops_per_token(self.model, s.seq_len) * s.batch_size * s.seq_len
+        self.peak = matmul_peak(self.device, self.dtype)
+        self.expert_counts: torch.Tensor | None = None
+        self.last_good_step: int | None = resumed["step"] if resumed else None
+        self.report.set_total(self.total)
+
+    # ---- setup ------------------------------------------------------------------------------
+    def _check_out_dir(self) -> None:
+        weights = self.out_dir / checkpoint.WEIGHTS
+        if weights.exists() and not self.opts.resume and not self.opts.overwrite:
+            raise NanodsError(f"'{weights}' already holds a run: continue it with --resume, "
+                              f"start over with --overwrite, or pick another --out")
+        if self.opts.resume and not weights.exists():
+            raise NanodsError(f"nothing to resume: '{weights}' does not exist (drop --resume to start a run)")
+        if self.opts.resume and self.opts.init_from:
+            raise NanodsError("--resume and --init-from exclude each other: resume continues a run, "
+                              "init-from starts a new one from a checkpoint's weights")
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
+        model, tokenizer = checkpoint.load(path, "cpu")
+        _, meta = checkpoint.read_header(path)
+        return {"config": model.config, "tokenizer": tokenizer, "weights": model.state_dict(),
+                "step": int(meta.get("nanods.step", 0)), "data": json.loads(meta.get("nanods.data", "{}"))}
+
+    def _resume_state(self) -> dict[str, Any]:
+        source = self._read_checkpoint(self.out_dir / checkpoint.WEIGHTS)
+        source["state"], source["meta"] = checkpoint.latest_state(self.out_dir, source["step"])
+        return source
+
+    def _init_source(self) -> dict[str, Any]:
+        path = Path(self.opts.init_from)
+        if not path.is_file():
+            raise NanodsError(f"--init-from '{path}' not found")
+        source = self._read_checkpoint(path)
+        self.report.print(f"initialised from {path} (step {source['step']}); a new run starts at step 0")
+        return source
+
+    def _refuse_changes(self, resumed: dict[str, Any], project: Project, model_config: NanoDeepSeekConfig) -> None:
+        requested = _sized_config(project.model, resumed["tokenizer"]).to_dict()
+        stored_train = resumed["meta"]["settings"]
+        new_train = asdict(self.settings)
+        problems = _diff(model_config.to_dict(), requested, "model.")
+        problems += _diff({k: stored_train[k] for k in FROZEN_TRAIN}, {k: new_train[k] for k in FROZEN_TRAIN}, "train.")
+        if resumed["meta"]["data_fingerprint"] != self.corpus.fingerprint:
+            problems.append(f"data fingerprint: {resumed['meta']['data_fingerprint']} -> {self.corpus.fingerprint}")
+        if problems:
+            raise NanodsError("--resume refuses a changed run (start a new one with --init-from, or undo): "
+                              + "; ".join(problems))
+
+    def _load_train_state(self, resumed: dict[str, Any]) -> None:
+        meta, state = resumed["meta"], resumed["state"]
+        self.step, self.elapsed, self.tokens_seen = meta["step"], meta["elapsed"], meta["tokens_seen"]
+        self.total = meta["total"]
+        if self.opts.steps_given and self.settings.steps != self.total:
+            if self.settings.steps <= self.step:
+                raise NanodsError(f"--steps {self.settings.steps} is not beyond the saved step {self.step}")
+            self.report.print(f"re-planned the schedule's tail: total {self.total} -> {self.settings.steps} steps "
+                              f"from step {self.step}")
+            self.total = self.settings.steps
+        self.optimizer.load_state_dict(_unflatten_optimizer(state, meta["optimizer"]))
+        self.report.print(f"resumed at step {self.step} of {self.total}")
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def train_step(self) -> dict[str, float]:
+        s = self.settings
+        lr = s.lr * lr_factor(self.step, self.total, s.warmup_steps, s.decay_frac)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        ce = aux = 0.0
+        for micro in range(self.accum):
+            x, y = self.batches.get(self.step, micro)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast():
+                terms = self.loss_terms(x, y)
+            (terms.total / self.accum).backward()
+            ce = ce + terms.ce.detach() / self.accum
+            aux = aux + terms.aux.detach() / self.accum
+        loss = float(ce + aux)  # one host sync per optimizer step
+        if not math.isfinite(loss):
+            kept = f"the last good checkpoint (step {self.last_good_step}) is kept" if self.last_good_step \
+                else "no checkpoint was written"
+            raise NanodsError(f"loss became {loss} at step {self.step + 1}; stopped without saving ({kept}). "
+                              "Try a lower train.lr or train.dtype = \"float32\"")
+        if s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        counts = update_expert_bias(self.model)  # before the optimizer step, as DESIGN orders
+        if counts is not None:
+            self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += s.batch_size * s.seq_len
+        return {"loss": loss, "ce": float(ce), "aux": float(aux), "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Mean val loss over eval_batches fixed batches, and bits per byte."""
+        self.model.eval()
+        losses = []
+        for i in range(self.settings.eval_batches):
+            x, y = self.val_batches.get(0, i)
+            with self.autocast():
+                losses.append(self.model.loss_terms(x.to(self.device), y.to(self.device)).ce.float())
+        self.model.train()
+        val = float(torch.stack(losses).mean())
+        return val, val / math.log(2) / self.bytes_per_token
+
+    def expert_load(self) -> list[list[float]] | None:
+        if self.expert_counts is None:
+            return None
+        shares = self.expert_counts / self.expert_counts.sum(-1, keepdim=True).clamp_min(1)
+        return [[round(v, 4) for v in row] for row in shares.tolist()]
+
+    def save(self) -> Path:
+        s = self.settings
+        state, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
+        meta = {"step": self.step, "total": self.total, "elapsed": self.elapsed, "tokens_seen": self.tokens_seen,
+                "settings": asdict(s), "optimizer": opt_meta, "data_fingerprint": self.corpus.fingerprint,
+                "data_position": self.step}
+        data = {"corpus": self.corpus.name, "fingerprint": self.corpus.fingerprint, "split": self.corpus.split_rule,
+                "tokens_seen": self.tokens_seen}
+        path = checkpoint.save(self.out_dir, self.model, self.tokenizer, self.step, data, state, meta, self.expert_load())
+        self.last_good_step = self.step
+        return path
+
+    def plan_budget(self, step_seconds: float) -> None:
+        """With a time budget, fix the total step count from the measured step time (stored on save)."""
+        budget = self.settings.budget_seconds
+        fits = self.step + int(max(0.0, budget - self.elapsed) / step_seconds)
+        total = max(self.step + 1, min(self.settings.steps, fits))
+        if total != self.total:
+            self.total = total
+            self.report.set_total(total)
+            self.report.print(f"time budget {self.settings.time_budget}: planned {total} steps "
+                              f"({step_seconds:.2f} s/step)")
+
+    def run(self) -> int:
+        s = self.settings
+        self.model.train()
+        budget_planned = s.time_budget is None or self.opts.resume  # a resumed run keeps its stored plan
+        step_times: list[float] = []
+        with StopFlag() as stop:
+            while self.step < self.total:
+                t0 = time.perf_counter()
+                row = self.train_step()
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                step_times.append(dt)
+                tps = s.batch_size * s.seq_len / dt
+                row.update(step=self.step, tok_per_s=tps, mfu=self.flops_per_step / dt / self.peak,
+                           tokens=self.tokens_seen, time=round(self.elapsed, 3))
+                self.report.step(row, self.total)
+                if not budget_planned and len(step_times) == 3:
+                    self.plan_budget(sum(step_times[1:]) / 2)  # the first step pays one-off warm-up costs
+                    budget_planned = True
+                if self.step % s.eval_every == 0 or self.step == self.total:
+                    val, bpb = self.evaluate()
+                    self.report.eval({"step": self.step, "val_loss": val, "val_bpb": bpb, "train_loss": row["loss"]},
+                                     self.expert_load())
+                    self.save()
+                if stop.set:
+                    path = self.save()
+                    self.report.close()
+                    self.report.print(f"stopped at step {self.step} of {self.total}; saved {path}.\n"
+                                      f"resume with: nanods train --resume --out {self.out_dir} (and the same options)")
+                    return 0
+        if self.last_good_step != self.step:
+            self.save()
+        self.report.close()
+        self.report.print(f"done: {self.step} steps, {self.tokens_seen:,} tokens in {self.elapsed:.0f} s; "
+                          f"checkpoint {self.out_dir / checkpoint.WEIGHTS}")
+        return 0
+
+    def sample(self) -> str:
+        """A short sample from the trained model, starting a fresh document."""
+        if self.settings.sample_tokens <= 0:
+            return ""
+        n = min(self.settings.sample_tokens, self.model.config.sequence_len - 1)
+        idx = torch.tensor([[self.tokenizer.eot_id]], device=self.device)
+        out = self.model.generate(idx, n, temperature=0.8, top_k=50, seed=self.settings.seed,
+                                  eos_id=self.tokenizer.eot_id)
+        return self.tokenizer.decode([t for t in out[0, 1:].tolist() if t != self.tokenizer.eot_id])
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state -> flat tensors for safetensors + JSON for the rest (no pickle)."""
+    tensors, scalars = {}, {}
+    for pid, values in state_dict["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def train(project: Project, run: RunOptions) -> int:
+    """Run `nanods train`; returns the exit code."""
+    out_dir = Path(project.train.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(project, out_dir, run)
+    code = trainer.run()
+    text = trainer.sample()
+    if text:
+        trainer.report.print("[bold]sample:[/]")
+        print(text, flush=True)
+    return code

@@ -1,0 +1,97 @@
+"""What the user sees during training: a rich progress bar (or log lines), eval tables, metrics.jsonl, loss.png."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class TrainReport:
+    """Progress on stderr (a bar on a terminal, periodic lines otherwise), metrics on disk."""
+
+    def __init__(self, out_dir: Path, total: int, start: int, log_every: int, enabled: bool = True) -> None:
+        self.console = Console(stderr=True)
+        self.out_dir, self.log_every, self.enabled = out_dir, log_every, enabled
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.bar = None
+        if enabled and self.console.is_terminal:
+            self.bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s  "
+                           "MFU {task.fields[mfu]}"),
+                TimeRemainingColumn(), console=self.console, transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-", mfu="-")
+            self.bar.start()
+
+    def set_total(self, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
+
+    def print(self, *args: Any) -> None:
+        if self.enabled:
+            (self.bar.console if self.bar is not None else self.console).print(*args)
+
+    def step(self, row: dict[str, Any], total: int) -> None:
+        self._append(row)
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, completed=row["step"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                            tps=f"{row['tok_per_s']:,.0f}", mfu=f"{100 * row['mfu']:.1f}%")
+        elif row["step"] % self.log_every == 0 or row["step"] in (1, total):
+            self.console.print(f"step {row['step']}/{total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+                               f"{row['tok_per_s']:,.0f} tok/s  MFU {100 * row['mfu']:.1f}%", highlight=False)
+
+    def eval(self, row: dict[str, Any], expert_load: list[list[float]] | None) -> None:
+        self._append(row)
+        if not self.enabled:
+            return
+        table = Table(title=f"eval at step {row['step']}", title_justify="left")
+        for col in ("val loss", "val bits/byte", "train loss"):
+            table.add_column(col, justify="right")
+        table.add_row(f"{row['val_loss']:.4f}", f"{row['val_bpb']:.4f}", f"{row.get('train_loss', float('nan')):.4f}")
+        self.print(table)
+        if expert_load:
+            ratios = "  ".join(f"L{i}: {max(s) * len(s):.2f}" for i, s in enumerate(expert_load))
+            self.print(f"expert load max/mean per layer  {ratios}")
+        self.plot()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def _append(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def plot(self) -> None:
+        """loss.png: training loss and validation loss against step."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines() if line]
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        if train:
+            ax.plot(*zip(*train), label="train loss", color="#4C72B0", linewidth=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="val loss", color="#DD8452")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title(f"nanods: {self.out_dir}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.out_dir / ".loss.png.tmp"
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        os.replace(tmp, self.out_dir / "loss.png")

@@ -1,0 +1,276 @@
+"""The `nanods` command line, run as a user runs it: `python -m nanods ...` in a fresh directory."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import nanods
+from nanods import registry
+from nanods.cli import main as cli_main
+from nanods.config import PRESETS, load_project
+from nanods.errors import NanodsError
+
+BUILTINS = {"attention": {"mha", "mla"}, "ffn": {"dense", "moe"}, "router": {"sigmoid", "softmax"}}
+
+
+def run(cwd, *args):
+    """Run `python -m nanods ARGS` in cwd; a wide terminal so tables don't truncate."""
+    env = {k: v for k, v in os.environ.items() if k != "NANODS_DEBUG"}
+    env.update(COLUMNS="200", NO_COLOR="1", TERM="dumb", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "nanods", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def run_all(jobs):
+    """Run {name: (cwd, args)} concurrently (each process pays torch's import time once)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(8, cpus, len(jobs)))  # more processes than cores only slows torch's import
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {name: pool.submit(run, cwd, *args) for name, (cwd, args) in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def stderr_lines(proc):
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+USER_TOML = '[model]\nscale = "tiny"\nn_layer = 3\n# my own settings\n'
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """Every CLI run of this file, each in its own fresh directory, in two concurrent rounds."""
+    dirs = {}
+
+    def fresh(name, toml=None):
+        d = dirs[name] = tmp_path_factory.mktemp(name)
+        if toml is not None:
+            (d / "nanods.toml").write_text(toml, encoding="utf-8")
+        return d
+
+    first = {
+        "components": (fresh("components"), ["components"]),
+        "components_json": (fresh("components_json"), ["components", "--json"]),
+        "components_check": (fresh("components_check"), ["components", "--check"]),
+        "typo": (fresh("typo", '[model]\nscale = "tiny"\nn_layr = 4\n'), ["inspect", "nanods.toml"]),
+        "init": (fresh("init"), ["init"]),
+        "init_tiny": (fresh("init_tiny"), ["init", "--scale", "tiny"]),
+        "init_exists": (fresh("init_exists", USER_TOML), ["init"]),
+        "inspect_small": (fresh("inspect_small"),
+                          ["inspect", "--scale", "small", "--json", "--seq-len", "128", "--batch", "3"]),
+        "help": (fresh("help"), ["--help"]),
+        "bogus": (fresh("bogus"), ["inspect", "--bogus"]),
+    }
+    results = run_all(first)
+    second = {
+        "init_inspect": (dirs["init"], ["inspect", "nanods.toml", "--json"]),
+        "init_force": (dirs["init_exists"], ["init", "--force"]),
+    }
+    # what init_exists left on disk, read before --force replaces it
+    dirs["init_exists_after_refusal"] = (dirs["init_exists"] / "nanods.toml").read_text(encoding="utf-8")
+    results.update(run_all(second))
+    results["dirs"] = dirs
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# components
+
+
+def _row(stdout, name):
+    rows = [line for line in stdout.splitlines() if f" {name} " in line]
+    assert rows, f"{name} missing from:\n{stdout}"
+    return rows[0]
+
+
+def test_components_lists_builtins(cli):
+    proc = cli["components"]
+    assert proc.returncode == 0, proc.stderr
+    for group, names in BUILTINS.items():
+        for name in names:
+            row = _row(proc.stdout, name)
+            assert group in row and "nanods" in row, row
+
+
+def test_components_json(cli):
+    proc = cli["components_json"]
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["components"]
+    found = {(r["group"], r["name"]): r for r in rows}
+    for group, names in BUILTINS.items():
+        for name in names:
+            assert (group, name) in found, f"{group} {name} missing: {sorted(found)}"
+            assert found[(group, name)]["package"] == "nanods"
+            assert "imports" not in found[(group, name)]  # not imported unless --check
+
+
+def test_components_check_imports_each(cli):
+    proc = cli["components_check"]
+    assert proc.returncode == 0, proc.stderr
+    for names in BUILTINS.values():
+        for name in names:
+            assert "yes" in _row(proc.stdout, name), f"{name} not shown importing:\n{proc.stdout}"
+    assert "yes" not in _row(cli["components"].stdout, "mla")  # without --check nothing claims to import
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# errors are one line
+
+
+def test_toml_typo_is_one_clear_line(cli):
+    proc = cli["typo"]
+    assert proc.returncode == 1
+    lines = stderr_lines(proc)
+    assert len(lines) == 1, proc.stderr
+    assert "n_layr" in lines[0] and "did you mean 'n_layer'" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.strip() == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# init
+
+
+def test_init_writes_a_file_that_resolves(cli):
+    assert cli["init"].returncode == 0, cli["init"].stderr
+    text = (cli["dirs"]["init"] / "nanods.toml").read_text(encoding="utf-8")
+    assert 'scale = "small"' in text
+    proc = cli["init_inspect"]
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)["config"]
+    for key, value in PRESETS["small"].items():
+        assert cfg[key] == value, key
+
+
+def test_init_refuses_to_overwrite(cli):
+    proc = cli["init_exists"]
+    assert proc.returncode == 1
+    assert "--force" in proc.stderr and "Traceback" not in proc.stderr
+    assert cli["dirs"]["init_exists_after_refusal"] == USER_TOML  # nothing on disk lost
+
+
+def test_init_force_overwrites(cli):
+    assert cli["init_force"].returncode == 0, cli["init_force"].stderr
+    text = (cli["dirs"]["init_exists"] / "nanods.toml").read_text(encoding="utf-8")
+    assert text != USER_TOML and text == (cli["dirs"]["init"] / "nanods.toml").read_text(encoding="utf-8")
+
+
+def test_init_scale_tiny(cli):
+    assert cli["init_tiny"].returncode == 0, cli["init_tiny"].stderr
+    path = cli["dirs"]["init_tiny"] / "nanods.toml"
+    assert 'scale = "tiny"' in path.read_text(encoding="utf-8")
+    cfg = load_project(path).model  # in-process: the CLI's `inspect FILE` resolves it this same way
+    for key, value in PRESETS["tiny"].items():
+        assert getattr(cfg, key) == value, key
+
+
+def main_in_process(args, capsys):
+    """nanods.cli.main(args) in this process -> (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as info:
+        cli_main(args)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def test_init_unknown_scale_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = main_in_process(["init", "--scale", "tinny"], capsys)
+    assert code == 1
+    assert "did you mean 'tiny'" in err
+    assert not (tmp_path / "nanods.toml").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def test_inspect_small_json(cli):
+    proc = cli["inspect_small"]
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    cfg = info["config"]
+    assert cfg["n_layer"] == 6 and cfg["n_embd"] == 384 and cfg["attention"] == "mla"
+
+    per_token = cfg["n_layer"] * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 2  # bfloat16
+    assert info["kv_cache_bytes_per_token"] == per_token
+    mha = 2 * cfg["n_layer"] * cfg["n_kv_head"] * (cfg["n_embd"] // cfg["n_head"]) * 2
+    assert info["kv_cache_bytes_per_token_mha"] == mha
+    assert info["kv_cache_bytes_per_token_mha"] > info["kv_cache_bytes_per_token"]
+    assert info["kv_cache_bytes"] == per_token * 128 * 3
+
+    model = nanods.create_nano_deepseek(scale="small")  # built for real, on CPU
+    assert info["params_total"] == sum(p.numel() for p in model.parameters())
+    assert 0 < info["params_active"] < info["params_total"]  # 2 of 4 routed experts are idle per token
+    assert info["flops_per_token"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# usage
+
+
+def test_help(cli):
+    proc = cli["help"]
+    assert proc.returncode == 0, proc.stderr
+    for command in ("components", "init", "inspect"):
+        assert command in proc.stdout
+
+
+def test_unknown_option_fails_without_traceback(cli):
+    proc = cli["bogus"]
+    assert proc.returncode != 0
+    assert "--bogus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_option_exits_2(cli):
+    proc = cli["bogus"]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# an uninstalled checkout
+
+
+@pytest.fixture
+def fresh_registry():
+    registry.components.cache_clear()
+    yield
+    registry.components.cache_clear()
+
+
+def _not_installed(monkeypatch):
+    real = importlib.metadata.distribution
+
+    def distribution(name):
+        if name.replace("_", "-").lower() == "nanods":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+
+
+def test_uninstalled_checkout_says_pip_install(monkeypatch, fresh_registry):
+    _not_installed(monkeypatch)
+    with pytest.raises(NanodsError, match=r"pip install -e \."):
+        registry.find("attention", "mla")
+    with pytest.raises(NanodsError, match=r"pip install -e \."):
+        registry.as_rows()
+
+
+def test_installed_checkout_finds_components(fresh_registry):
+    assert registry.find("attention", "mla").dist == "nanods"
+
+
+def test_uninstalled_checkout_cli_says_pip_install(monkeypatch, fresh_registry, capsys):
+    _not_installed(monkeypatch)
+    code, out, err = main_in_process(["components"], capsys)
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pip install -e ." in lines[0], err
+    assert "Traceback" not in err and out.strip() == ""

@@ -1,0 +1,215 @@
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from nanods.data import Batches, cache_dir, load_corpus, load_tokenizer, tokenize
+from nanods.errors import NanodsError
+from nanods.tokenizer import byte_tokenizer
+
+TEST_DIRS = {"test", "tests", "idle_test"}
+
+
+@pytest.fixture(scope="module")
+def stdlib():
+    return load_corpus("stdlib")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANODS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def paragraphs(n: int) -> str:
+    return "\n\n".join(f"paragraph {i}: def f{i}(x):\n    return x * {i}  # ünïcode 🙂" for i in range(n))
+
+
+def test_stdlib_corpus(stdlib):
+    names = stdlib.train_names + stdlib.val_names
+    assert len(names) > 500 and len(names) == len(stdlib.train) + len(stdlib.val)
+    assert all(n.endswith(".py") for n in names)
+    for name in names:
+        dirs = name.split("/")[:-1]
+        assert not {"site-packages", "dist-packages", "__pycache__"} & set(dirs), name
+        assert not any(d in TEST_DIRS or d.startswith("test_") for d in dirs), name
+    assert 0.02 < len(stdlib.val_names) / len(names) < 0.10
+    assert not set(stdlib.train_names) & set(stdlib.val_names)
+    assert stdlib.n_bytes > 5_000_000 and stdlib.name == "stdlib" and stdlib.split_rule
+
+
+def test_stdlib_is_deterministic(stdlib):
+    again = load_corpus("stdlib")
+    assert again.fingerprint == stdlib.fingerprint
+    assert again.val_names == stdlib.val_names and again.train_names == stdlib.train_names
+
+
+def test_text_file_paragraphs(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text(paragraphs(200), encoding="utf-8")
+    corpus = load_corpus(str(path))
+    assert len(corpus.train) + len(corpus.val) == 200 and corpus.val
+    assert all(doc.startswith("paragraph ") for doc in corpus.train + corpus.val)
+    assert corpus.n_bytes == sum(len(d.encode()) for d in corpus.train + corpus.val)
+    assert "paragraph" in corpus.split_rule
+    path.write_text(paragraphs(200) + "\n\nmore", encoding="utf-8")
+    assert load_corpus(str(path)).fingerprint != corpus.fingerprint
+
+
+def test_text_file_lines(tmp_path):
+    path = tmp_path / "lines.txt"
+    path.write_text("\n".join(f"line {i}" for i in range(100)) + "\n", encoding="utf-8")
+    corpus = load_corpus(str(path))
+    assert sorted(corpus.train + corpus.val) == sorted(f"line {i}" for i in range(100))
+    assert "lines" in corpus.split_rule
+
+
+def test_tiny_corpora_still_have_val(tmp_path):
+    two = tmp_path / "two.txt"
+    two.write_text("first\nsecond\n", encoding="utf-8")
+    corpus = load_corpus(str(two))
+    assert len(corpus.train) == 1 and len(corpus.val) == 1
+    one = tmp_path / "one.txt"
+    one.write_text("x" * 100, encoding="utf-8")
+    corpus = load_corpus(str(one))
+    assert corpus.train == ["x" * 95] and corpus.val == ["x" * 5]
+    assert "single document" in corpus.split_rule
+
+
+def test_folder(tmp_path):
+    root = tmp_path / "src"
+    for i in range(60):
+        sub = root / f"pkg{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"mod{i}.py").write_text(f"x = {i}\n", encoding="utf-8")
+    (root / "notes.md").write_text("# notes\n", encoding="utf-8")
+    (root / "data.bin").write_bytes(b"\xff\xfe")  # not a listed extension: ignored
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD.txt").write_text("hidden\n", encoding="utf-8")
+    corpus = load_corpus(str(root))
+    names = corpus.train_names + corpus.val_names
+    assert len(names) == 61 and "notes.md" in names and "pkg0/mod0.py" in names
+    assert corpus.val_names
+    only_md = load_corpus(str(root), extensions=(".md",))
+    assert only_md.train + only_md.val == ["# notes", "\n"]  # one document: split by characters
+    assert only_md.train_names == only_md.val_names == ["notes.md"]
+
+
+def test_jsonl(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    rows = [{"text": f"document {i}\nwith a\u2028line separator", "id": i} for i in range(100)]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", encoding="utf-8")
+    corpus = load_corpus(str(path))
+    assert sorted(corpus.train + corpus.val) == sorted(r["text"] for r in rows)
+    assert corpus.val
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"text": "ok"}\nnot json\n', ["line 2", "not valid JSON"]),
+    ('{"text": "ok"}\n{"body": "x"}\n', ["line 2", '"text"']),
+    ('{"text": 3}\n', ["line 1", '"text"']),
+])
+def test_jsonl_errors(tmp_path, content, words):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(NanodsError) as err:
+        load_corpus(str(path))
+    assert all(w in str(err.value) for w in words)
+
+
+def test_corpus_errors(tmp_path):
+    with pytest.raises(NanodsError, match="data path '.*nope' not found"):
+        load_corpus(str(tmp_path / "nope"))
+    with pytest.raises(NanodsError, match="did you mean 'stdlib'"):
+        load_corpus("stdlb")
+    (tmp_path / "empty.txt").write_text("\n\n  \n", encoding="utf-8")
+    with pytest.raises(NanodsError, match="no documents"):
+        load_corpus(str(tmp_path / "empty.txt"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.csv").write_text("1,2\n", encoding="utf-8")
+    with pytest.raises(NanodsError, match="no documents"):
+        load_corpus(str(tmp_path / "folder"))
+    (tmp_path / "folder" / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(NanodsError, match="latin1.txt' is not UTF-8"):
+        load_corpus(str(tmp_path / "folder"))
+
+
+def test_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("NANODS_CACHE", raising=False)
+    assert cache_dir().parts[-2:] == (".cache", "nanods")
+    monkeypatch.setenv("NANODS_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+
+
+def test_load_tokenizer(tmp_path, cache):
+    path = tmp_path / "book.txt"
+    path.write_text(paragraphs(100), encoding="utf-8")
+    corpus = load_corpus(str(path))
+    assert load_tokenizer(corpus, "byte", 999).kind == "byte"
+    bpe = load_tokenizer(corpus, "bpe", 320)
+    stored = cache / "tokenizers" / f"{corpus.fingerprint}-bpe320.json"
+    assert stored.exists() and not list(stored.parent.glob(".*.tmp"))
+    assert load_tokenizer(corpus, "bpe", 320).fingerprint() == bpe.fingerprint()
+    with pytest.raises(NanodsError, match="did you mean 'bpe'"):
+        load_tokenizer(corpus, "bpee", 320)
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_tokenize_is_cached(tmp_path, cache, kind):
+    path = tmp_path / "book.txt"
+    path.write_text(paragraphs(300), encoding="utf-8")
+    corpus = load_corpus(str(path))
+    tok = load_tokenizer(corpus, kind, 400)
+    splits = tokenize(corpus, tok)
+    assert splits.train.dtype == np.uint16
+    expected = [i for doc in corpus.val for i in tok.encode(doc) + [tok.eot_id]]
+    assert splits.val.tolist() == expected
+    assert (splits.train == tok.eot_id).sum() == len(corpus.train)
+    files = sorted((cache / "tokens").iterdir())
+    assert [f.name.rsplit("-", 1)[-1] for f in files] == ["train.bin", "val.bin"]
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    start = time.perf_counter()
+    again = tokenize(corpus, tok)
+    assert time.perf_counter() - start < 0.5
+    assert [f.stat().st_mtime_ns for f in files] == mtimes  # read back, not rebuilt
+    assert np.array_equal(again.train, splits.train) and np.array_equal(again.val, splits.val)
+
+
+def test_batches():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    batches = Batches(tokens, batch_size=4, seq_len=16, seed=1)
+    x, y = batches.get(5)
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(y, x + 1)  # arange: the target is the next token
+    assert torch.equal(x, Batches(tokens, 4, 16, seed=1).get(5)[0])  # a resumed run sees the same batch
+    assert not torch.equal(x, batches.get(6)[0])
+    assert not torch.equal(x, batches.get(5, micro=1)[0])
+    assert not torch.equal(x, Batches(tokens, 4, 16, seed=2).get(5)[0])
+
+
+def test_batches_ranks_split_the_global_batch():
+    tokens = np.random.default_rng(0).integers(0, 300, 5_000).astype(np.uint16)
+    ranks = [Batches(tokens, 2, 8, seed=0, rank=r, world_size=3).get(7)[0] for r in range(3)]
+    assert not torch.equal(ranks[0], ranks[1])
+    assert torch.equal(torch.cat(ranks), Batches(tokens, 6, 8, seed=0).get(7)[0])
+
+
+def test_batches_edge_cases():
+    x, y = Batches(np.arange(9, dtype=np.uint16), 3, 8, seed=0).get(0)  # exactly seq_len + 1 tokens
+    assert x[0].tolist() == list(range(8)) and y[0].tolist() == list(range(1, 9))
+    with pytest.raises(NanodsError, match="has 8 tokens.*smaller sequence_len or more data"):
+        Batches(np.arange(8, dtype=np.uint16), 1, 8, seed=0)
+    with pytest.raises(ValueError, match="rank"):
+        Batches(np.arange(100, dtype=np.uint16), 1, 8, seed=0, rank=2, world_size=2)
+
+
+def test_tokenize_then_batch(tmp_path, cache):
+    path = tmp_path / "book.txt"
+    path.write_text(paragraphs(50), encoding="utf-8")
+    corpus = load_corpus(str(path))
+    tok = byte_tokenizer()
+    train = tokenize(corpus, tok).train
+    x, y = Batches(train, 2, 32, seed=0).get(0)
+    assert tok.decode(x[0].tolist())[1:] == tok.decode(y[0].tolist())[:-1]
