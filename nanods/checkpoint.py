@@ -9,9 +9,7 @@ it always has its matching state beside it. Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from safetensors.torch import save as save_bytes
 
 import nanods
 from nanods import registry
+from nanods.atomic import atomic_write
 from nanods.config import NanoDeepSeekConfig
 from nanods.errors import NanodsError
 from nanods.model import NanoDeepSeek
@@ -35,33 +34,14 @@ def state_path(out_dir: Path, step: int) -> Path:
     return out_dir / f"train_state_{step:07d}.safetensors"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write data to path so that readers see the old file or the new one, never a torn one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def weights_metadata(model: NanoDeepSeek, tokenizer: Tokenizer, step: int, data: dict[str, Any],
+def weights_metadata(config: NanoDeepSeekConfig, tokenizer: Tokenizer, step: int, data: dict[str, Any],
                      expert_load: list[list[float]] | None) -> dict[str, str]:
     meta = {
-        "nanods.config": model.config.to_json(),
+        "nanods.config": config.to_json(),
         "nanods.tokenizer": tokenizer.to_json(),
         "nanods.version": nanods.__version__,
         "nanods.step": str(step),
-        "nanods.components": json.dumps(registry.describe(model.config)),
+        "nanods.components": json.dumps(registry.describe(config)),
         "nanods.data": json.dumps(data),
     }
     if expert_load is not None:
@@ -69,28 +49,30 @@ def weights_metadata(model: NanoDeepSeek, tokenizer: Tokenizer, step: int, data:
     return meta
 
 
-def _weights(model: NanoDeepSeek) -> dict[str, torch.Tensor]:
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
+def _weights(state: dict[str, torch.Tensor], config: NanoDeepSeekConfig) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if config.tie_embeddings:
         state.pop("lm_head.weight")  # the same storage as embed.weight; restored by tying on load
     return state
 
 
-def save(out_dir: str | Path, model: NanoDeepSeek, tokenizer: Tokenizer, step: int, data: dict[str, Any],
-         train_state: dict[str, torch.Tensor], train_meta: dict[str, Any],
-         expert_load: list[list[float]] | None = None) -> Path:
-    """Save weights and training state for `step`; returns the weights path."""
+def save(out_dir: str | Path, weights: NanoDeepSeek | dict[str, torch.Tensor], config: NanoDeepSeekConfig,
+         tokenizer: Tokenizer, step: int, data: dict[str, Any], train_state: dict[str, torch.Tensor],
+         train_meta: dict[str, Any], expert_load: list[list[float]] | None = None) -> Path:
+    """Save weights (a model or its full state dict) and training state for `step`; returns the weights path."""
+    if isinstance(weights, NanoDeepSeek):
+        weights = weights.state_dict()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     new_state = state_path(out_dir, step)
     atomic_write(new_state, save_bytes({k: v.contiguous() for k, v in train_state.items()},
                                        {"nanods.train": json.dumps(train_meta), "nanods.step": str(step)}))
-    weights = out_dir / WEIGHTS
-    atomic_write(weights, save_bytes(_weights(model), weights_metadata(model, tokenizer, step, data, expert_load)))
+    path = out_dir / WEIGHTS
+    atomic_write(path, save_bytes(_weights(weights, config), weights_metadata(config, tokenizer, step, data, expert_load)))
     for old in out_dir.glob("train_state_*.safetensors"):
         if old != new_state and _STATE.search(old.name):
             old.unlink(missing_ok=True)
-    return weights
+    return path
 
 
 def _config_from(metadata: dict[str, str], path: Path) -> NanoDeepSeekConfig:

@@ -226,12 +226,12 @@ def inspect(
     the meta device, so even `large` costs no memory.
     """
     from nanods.config import load_project, read_toml, resolve_project
-    from nanods.device import DTYPES, resolve_dtype
+    from nanods.device import DTYPES
     from nanods.inspect import checkpoint_report, report
 
-    if dtype == "auto":
-        raise NanodsError("inspect needs an explicit --dtype: bfloat16 or float32")
-    torch_dtype = resolve_dtype(dtype, None)  # type: ignore[arg-type]
+    if dtype not in DTYPES:
+        raise NanodsError(f"--dtype must be one of {', '.join(DTYPES)} for inspect, got '{dtype}'")
+    torch_dtype = DTYPES[dtype]
     if batch < 1 or (seq_len is not None and seq_len < 1):
         raise NanodsError("--batch and --seq-len must be positive")
     kwargs = dict(seq_len=seq_len, batch=batch, dtype=torch_dtype)
@@ -241,7 +241,6 @@ def inspect(
         info = report(resolve_project(read_toml(target), scale=scale, sets=sets, where=target).model, **kwargs)
     else:
         info = report(load_project(None, scale=scale, sets=sets).model, **kwargs)
-    del DTYPES
     if as_json:
         _print_json(info)
         return

@@ -265,8 +265,9 @@ class TrainSettings:
     batch_size: int = 8  # sequences per optimizer step
     micro_batch_size: int | None = None  # sequences per forward (gradient accumulation); -> batch_size
     seq_len: int = 256
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # "adamw", or "muon" (Muon on hidden matrices, AdamW on the rest)
     lr: float = 3e-3
+    muon_lr: float | None = None  # Muon's own lr -> lr (its updates are scaled to AdamW's RMS)
     weight_decay: float = 0.1  # matrices only: never norms, biases or embeddings
     warmup_steps: int = 20
     decay_frac: float = 0.2  # the last fraction of steps decays the lr linearly to 0 (warmup-stable-decay)
@@ -280,6 +281,7 @@ class TrainSettings:
     log_every: int = 10  # progress lines when stderr is not a terminal
     sample_tokens: int = 200  # the sample printed at the end (0: none)
     compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard per block)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
@@ -295,6 +297,8 @@ class TrainSettings:
                               "use adamw or muon")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
+        if self.parallel not in ("ddp", "fsdp"):
+            raise NanodsError(f"train.parallel must be ddp or fsdp, got '{self.parallel}'")
 
     @property
     def budget_seconds(self) -> float | None:

@@ -15,7 +15,6 @@ import os
 import platform
 import re
 import sysconfig
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from nanods.atomic import atomic_write
 from nanods.errors import NanodsError, did_you_mean
 from nanods.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 
@@ -214,22 +214,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NANODS_CACHE") or "~/.cache/nanods").expanduser()
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write path through a temp file in the same folder + os.replace, so readers (and concurrent
-    ranks) see either nothing or the complete file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def load_tokenizer(corpus: Corpus, kind: str, vocab_size: int) -> Tokenizer:
     """The byte tokenizer (vocab_size ignored), or a BPE of vocab_size trained on corpus.train, cached
     by corpus fingerprint so each corpus trains it once."""
@@ -242,7 +226,7 @@ def load_tokenizer(corpus: Corpus, kind: str, vocab_size: int) -> Tokenizer:
     if path.exists():
         return Tokenizer.from_json(path.read_text(encoding="utf-8"))
     tokenizer = train_bpe(corpus.train, vocab_size)
-    _atomic_write(path, lambda f: f.write(tokenizer.to_json().encode()))
+    atomic_write(path, lambda f: f.write(tokenizer.to_json().encode()))
     return tokenizer
 
 
@@ -266,39 +250,44 @@ def tokenize(corpus: Corpus, tokenizer: Tokenizer) -> TokenSplits:
     for split in ("train", "val"):
         path = cache_dir() / "tokens" / f"{corpus.fingerprint}-{tokenizer.fingerprint()}-{split}.bin"
         if not path.exists():
-            _atomic_write(path, functools.partial(_write_tokens, docs=getattr(corpus, split),
+            atomic_write(path, functools.partial(_write_tokens, docs=getattr(corpus, split),
                                                   tokenizer=tokenizer, dtype=dtype))
         arrays[split] = np.memmap(path, dtype=dtype, mode="r")
     return TokenSplits(**arrays)
 
 
 class Batches:
-    """Deterministic (x, y) batches: batch `step` depends only on (seed, step, micro), so a resumed
-    run sees exactly the batches the uninterrupted run would have.
+    """Deterministic (x, y) micro-batches: step `step` depends only on (seed, step), so a resumed run
+    sees exactly the batches the uninterrupted run would have.
 
-    Each step draws the offsets of the global batch (world_size * batch_size rows) and each rank
-    takes its own rows: ranks see different data, and world_size ranks at batch_size see the same
-    data as one process at world_size * batch_size.
+    Each step draws the offsets of its whole global batch (batch_size rows) once; rank r's micro-batch
+    m takes the rows of block r * accum + m. One process accumulating over all blocks and world_size
+    ranks each accumulating over their share therefore see the same rows.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
+    def __init__(self, tokens: np.ndarray, batch_size: int, micro_batch_size: int, seq_len: int, seed: int,
                  rank: int = 0, world_size: int = 1):
         if len(tokens) < seq_len + 1:
             raise NanodsError(f"the data has {len(tokens):,} tokens but a sequence of {seq_len} needs at least "
-                              f"{seq_len + 1}; use a smaller sequence_len or more data")
+                              f"{seq_len + 1}; use a smaller seq_len or more data")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if batch_size % (micro_batch_size * world_size):
+            raise NanodsError(f"train.batch_size ({batch_size}) must be a multiple of micro_batch_size "
+                              f"({micro_batch_size}) x processes ({world_size})")
         self.tokens = tokens
-        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
-        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.micro, self.seq_len, self.seed = batch_size, micro_batch_size, seq_len, seed
+        self.rank = rank
+        self.accum = batch_size // (micro_batch_size * world_size)  # micro-batches per rank and step
 
     def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) int64 tensors of shape (batch_size, seq_len) on the CPU; y is x shifted by one token."""
-        key = _sha256(f"nanods-batches {self.seed} {step} {micro}".encode())
+        """(x, y) int64 tensors of shape (micro_batch_size, seq_len) on the CPU; y is x shifted by one."""
+        key = _sha256(f"nanods-batches {self.seed} {step}".encode())
         generator = torch.Generator().manual_seed(int(key[:16], 16))
         n_starts = len(self.tokens) - self.seq_len  # the last start still leaves room for the target
-        offsets = torch.randint(n_starts, (self.world_size * self.batch_size,), generator=generator)
-        mine = offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+        offsets = torch.randint(n_starts, (self.batch_size,), generator=generator)
+        block = self.rank * self.accum + micro
+        mine = offsets[block * self.micro:(block + 1) * self.micro].tolist()
         rows = np.stack([self.tokens[o:o + self.seq_len + 1] for o in mine]).astype(np.int64)
         buf = torch.from_numpy(rows)
         return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()

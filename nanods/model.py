@@ -76,10 +76,12 @@ class NanoDeepSeek(nn.Module):
         return x, aux
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: list | None = None,
-                start_pos: int = 0) -> torch.Tensor:
-        """idx (B, T) -> logits (B, T, vocab_size); with targets, the scalar training loss instead."""
+                start_pos: int = 0, return_terms: bool = False) -> torch.Tensor | LossTerms:
+        """idx (B, T) -> logits (B, T, vocab_size); with targets, the scalar training loss instead
+        (all its LossTerms with return_terms=True, e.g. through a DDP wrapper)."""
         if targets is not None:
-            return self.loss_terms(idx, targets).total
+            terms = self.loss_terms(idx, targets)
+            return terms if return_terms else terms.total
         h, _ = self.hidden(idx, cache, start_pos)
         return self.lm_head(self.norm(h))
 

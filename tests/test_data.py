@@ -179,30 +179,35 @@ def test_tokenize_is_cached(tmp_path, cache, kind):
 
 def test_batches():
     tokens = np.arange(10_000, dtype=np.uint16)
-    batches = Batches(tokens, batch_size=4, seq_len=16, seed=1)
+    batches = Batches(tokens, batch_size=8, micro_batch_size=4, seq_len=16, seed=1)
     x, y = batches.get(5)
     assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
     assert torch.equal(y, x + 1)  # arange: the target is the next token
-    assert torch.equal(x, Batches(tokens, 4, 16, seed=1).get(5)[0])  # a resumed run sees the same batch
+    assert torch.equal(x, Batches(tokens, 8, 4, 16, seed=1).get(5)[0])  # a resumed run sees the same batch
     assert not torch.equal(x, batches.get(6)[0])
     assert not torch.equal(x, batches.get(5, micro=1)[0])
-    assert not torch.equal(x, Batches(tokens, 4, 16, seed=2).get(5)[0])
+    assert not torch.equal(x, Batches(tokens, 8, 4, 16, seed=2).get(5)[0])
 
 
-def test_batches_ranks_split_the_global_batch():
+def test_ranks_and_micro_batches_split_the_same_global_batch():
     tokens = np.random.default_rng(0).integers(0, 300, 5_000).astype(np.uint16)
-    ranks = [Batches(tokens, 2, 8, seed=0, rank=r, world_size=3).get(7)[0] for r in range(3)]
-    assert not torch.equal(ranks[0], ranks[1])
-    assert torch.equal(torch.cat(ranks), Batches(tokens, 6, 8, seed=0).get(7)[0])
+    one = Batches(tokens, 12, 2, 8, seed=0)  # one process, 6 micro-batches
+    single = torch.cat([one.get(7, m)[0] for m in range(6)])
+    ranks = [Batches(tokens, 12, 2, 8, seed=0, rank=r, world_size=3) for r in range(3)]  # 2 micro each
+    assert torch.equal(single, torch.cat([b.get(7, m)[0] for b in ranks for m in range(2)]))
+    assert not torch.equal(ranks[0].get(7)[0], ranks[1].get(7)[0])
+    assert torch.equal(Batches(tokens, 12, 12, 8, seed=0).get(7)[0], single)  # no accumulation: same rows
 
 
 def test_batches_edge_cases():
-    x, y = Batches(np.arange(9, dtype=np.uint16), 3, 8, seed=0).get(0)  # exactly seq_len + 1 tokens
+    x, y = Batches(np.arange(9, dtype=np.uint16), 3, 3, 8, seed=0).get(0)  # exactly seq_len + 1 tokens
     assert x[0].tolist() == list(range(8)) and y[0].tolist() == list(range(1, 9))
-    with pytest.raises(NanodsError, match="has 8 tokens.*smaller sequence_len or more data"):
-        Batches(np.arange(8, dtype=np.uint16), 1, 8, seed=0)
+    with pytest.raises(NanodsError, match="has 8 tokens.*smaller seq_len or more data"):
+        Batches(np.arange(8, dtype=np.uint16), 1, 1, 8, seed=0)
     with pytest.raises(ValueError, match="rank"):
-        Batches(np.arange(100, dtype=np.uint16), 1, 8, seed=0, rank=2, world_size=2)
+        Batches(np.arange(100, dtype=np.uint16), 2, 1, 8, seed=0, rank=2, world_size=2)
+    with pytest.raises(NanodsError, match="multiple of micro_batch_size"):
+        Batches(np.arange(100, dtype=np.uint16), 6, 4, 8, seed=0)
 
 
 def test_tokenize_then_batch(tmp_path, cache):
@@ -211,5 +216,5 @@ def test_tokenize_then_batch(tmp_path, cache):
     corpus = load_corpus(str(path))
     tok = byte_tokenizer()
     train = tokenize(corpus, tok).train
-    x, y = Batches(train, 2, 32, seed=0).get(0)
+    x, y = Batches(train, 2, 2, 32, seed=0).get(0)
     assert tok.decode(x[0].tolist())[1:] == tok.decode(y[0].tolist())[:-1]

@@ -158,3 +158,19 @@ def test_kill_9_at_any_moment_leaves_a_loadable_matching_pair(corpus, tmp_path):
         assert meta["step"] == step and state
         steps_seen.append(step)
     assert all(a < b for a, b in zip(steps_seen, steps_seen[1:])), steps_seen  # every resume made progress
+
+
+def test_resume_is_exact_with_muon_too(corpus, tmp_path, monkeypatch):
+    assert train(project(corpus, tmp_path / "a", "train.optimizer=muon"), RunOptions()) == 0
+    original_step = loop.TrainReport.step
+
+    def interrupt_after_5(self, row, total):
+        original_step(self, row, total)
+        if row["step"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop.TrainReport, "step", interrupt_after_5)
+    train(project(corpus, tmp_path / "b", "train.optimizer=muon"), RunOptions())
+    monkeypatch.setattr(loop.TrainReport, "step", original_step)
+    train(project(corpus, tmp_path / "b", "train.optimizer=muon"), RunOptions(resume=True))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")

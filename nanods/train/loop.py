@@ -28,7 +28,8 @@ from nanods.layers.ffn.moe import update_expert_bias
 from nanods.model import NanoDeepSeek
 from nanods.peak import matmul_peak
 from nanods.tokenizer import Tokenizer
-from nanods.train.optim import build_optimizer
+from nanods.train.optim import build_optimizers, describe_split
+from nanods.train.distributed import full_state_dict, init_world, wrap
 from nanods.train.report import TrainReport
 from nanods.train.schedule import lr_factor
 
@@ -87,31 +88,36 @@ class Trainer:
     def __init__(self, project: Project, out_dir: Path, run: RunOptions) -> None:
         self.settings = s = project.train
         self.out_dir, self.opts = out_dir, run
-        self.device = resolve_device(s.device)
+        self.world, self.device = init_world(resolve_device(s.device))
         self.dtype = resolve_dtype(s.dtype, self.device)
-        self.report = TrainReport(out_dir, s.steps, 0, s.log_every)
+        self.report = TrainReport(out_dir, s.steps, s.log_every, enabled=self.world.is_main)
         self.report.print(f"device {self.device}, dtype {str(self.dtype).removeprefix('torch.')}"
                           + (" (auto: no native bf16 matmul here)" if s.dtype == "auto" and self.dtype == torch.float32
                              else " (auto)" if s.dtype == "auto" else ""))
         self._check_out_dir()
+        if s.parallel == "fsdp" and run.resume:
+            raise NanodsError("resuming an FSDP run is not supported yet; continue it with --init-from, "
+                              "or train with the default train.parallel = \"ddp\"")
         resumed = self._resume_state() if run.resume else None
         self.corpus = load_corpus(s.data, tuple(s.extensions))
         source = resumed or (self._init_source() if run.init_from else None)
-        if source is not None:
-            model_config, tokenizer = source["config"], source["tokenizer"]
-        else:
-            tokenizer = load_tokenizer(self.corpus, s.tokenizer, project.model.vocab_size)
-            model_config = _sized_config(project.model, tokenizer)
+        with self.world.main_first():  # rank 0 trains the tokenizer and fills the token cache
+            if source is not None:
+                model_config, tokenizer = source["config"], source["tokenizer"]
+            else:
+                tokenizer = load_tokenizer(self.corpus, s.tokenizer, project.model.vocab_size)
+                model_config = _sized_config(project.model, tokenizer)
+            if resumed is not None:
+                self._refuse_changes(resumed, project, model_config)
+            tokens = tokenize(self.corpus, tokenizer)
         self.tokenizer = tokenizer
-        if resumed is not None:
-            self._refuse_changes(resumed, project, model_config)
-        tokens = tokenize(self.corpus, tokenizer)
         self.train_tokens, self.val_tokens = tokens.train, tokens.val
         self.bytes_per_token = _bytes_per_token(self.corpus, len(tokens.val))
         micro = s.micro_batch_size or s.batch_size
-        self.accum = s.batch_size // micro
-        self.batches = Batches(self.train_tokens, micro, s.seq_len, s.seed)
-        self.val_batches = Batches(self.val_tokens, micro, s.seq_len, s.seed + 1)
+        self.batches = Batches(self.train_tokens, s.batch_size, micro, s.seq_len, s.seed,
+                               self.world.rank, self.world.world_size)
+        self.val_batches = Batches(self.val_tokens, micro * s.eval_batches, micro, s.seq_len, s.seed + 1)
+        self.accum = self.batches.accum
         if s.seq_len > model_config.sequence_len:
             raise NanodsError(f"train.seq_len ({s.seq_len}) exceeds the model's sequence_len ({model_config.sequence_len})")
 
@@ -119,16 +125,18 @@ class Trainer:
         self.model = NanoDeepSeek(model_config).to(self.device)
         if source is not None:
             self.model.load_state_dict(source["weights"], strict=not model_config.tie_embeddings)
-        self.optimizer = build_optimizer(self.model, s, self.device)
+        self.net = wrap(self.model, self.world, s.parallel)  # what forward and backward go through
+        self.optimizers = build_optimizers(self.model, s, self.device)
+        self.report.print(describe_split(self.model, s))
         self.step, self.total, self.elapsed, self.tokens_seen = 0, s.steps, 0.0, 0
         if resumed is not None:
             self._load_train_state(resumed)
-        self.loss_terms = torch.compile(self.model.loss_terms) if s.compile else self.model.loss_terms
+        self.forward = torch.compile(self.net) if s.compile else self.net
         self.flops_per_step = 3 * flops_per_token(self.model, s.seq_len) * s.batch_size * s.seq_len
         self.peak = matmul_peak(self.device, self.dtype)
         self.expert_counts: torch.Tensor | None = None
         self.last_good_step: int | None = resumed["step"] if resumed else None
-        self.report.set_total(self.total)
+        self.report.begin(self.step, self.total)
 
     # ---- setup ------------------------------------------------------------------------------
     def _check_out_dir(self) -> None:
@@ -183,7 +191,8 @@ class Trainer:
             self.report.print(f"re-planned the schedule's tail: total {self.total} -> {self.settings.steps} steps "
                               f"from step {self.step}")
             self.total = self.settings.steps
-        self.optimizer.load_state_dict(_unflatten_optimizer(state, meta["optimizer"]))
+        for i, optimizer in enumerate(self.optimizers):
+            optimizer.load_state_dict(_unflatten_optimizer(state, meta["optimizers"][i], i))
         self.report.print(f"resumed at step {self.step} of {self.total}")
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -194,19 +203,23 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         s = self.settings
-        lr = s.lr * lr_factor(self.step, self.total, s.warmup_steps, s.decay_frac)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        ce = aux = 0.0
+        factor = lr_factor(self.step, self.total, s.warmup_steps, s.decay_frac)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+        parts = torch.zeros(2, device=self.device)  # (ce, aux) summed over micro-batches
         for micro in range(self.accum):
             x, y = self.batches.get(self.step, micro)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast():
-                terms = self.loss_terms(x, y)
-            (terms.total / self.accum).backward()
-            ce = ce + terms.ce.detach() / self.accum
-            aux = aux + terms.aux.detach() / self.accum
-        loss = float(ce + aux)  # one host sync per optimizer step
+            last = micro == self.accum - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
+            with sync:  # DDP all-reduces gradients once, on the last micro-batch
+                with self.autocast():
+                    terms = self.forward(x, y, return_terms=True)
+                (terms.total / self.accum).backward()
+            parts += torch.stack([terms.ce.detach(), terms.aux.detach()]) / self.accum
+        ce, aux = (self.world.all_reduce_sum(parts) / self.world.world_size).tolist()  # one host sync per step
+        loss = ce + aux
         if not math.isfinite(loss):
             kept = f"the last good checkpoint (step {self.last_good_step}) is kept" if self.last_good_step \
                 else "no checkpoint was written"
@@ -214,25 +227,26 @@ class Trainer:
                               "Try a lower train.lr or train.dtype = \"float32\"")
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
-        counts = update_expert_bias(self.model)  # before the optimizer step, as DESIGN orders
+        counts = update_expert_bias(self.model, self.world.all_reduce_sum)  # before the optimizer step (DESIGN)
         if counts is not None:
             self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += s.batch_size * s.seq_len
-        return {"loss": loss, "ce": float(ce), "aux": float(aux), "lr": lr}
+        return {"loss": loss, "ce": ce, "aux": aux, "lr": s.lr * factor}
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         """Mean val loss over eval_batches fixed batches, and bits per byte."""
-        self.model.eval()
+        self.net.eval()
         losses = []
-        for i in range(self.settings.eval_batches):
+        for i in range(self.settings.eval_batches):  # every rank evaluates the same batches (FSDP needs all)
             x, y = self.val_batches.get(0, i)
             with self.autocast():
-                losses.append(self.model.loss_terms(x.to(self.device), y.to(self.device)).ce.float())
-        self.model.train()
+                losses.append(self.net(x.to(self.device), y.to(self.device), return_terms=True).ce.float())
+        self.net.train()
         val = float(torch.stack(losses).mean())
         return val, val / math.log(2) / self.bytes_per_token
 
@@ -243,20 +257,31 @@ class Trainer:
         return [[round(v, 4) for v in row] for row in shares.tolist()]
 
     def save(self) -> Path:
+        """Rank 0 writes the checkpoint pair (under FSDP every rank helps gather the full weights)."""
         s = self.settings
-        state, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
+        weights = full_state_dict(self.model, self.world, s.parallel)
+        state, opt_meta = {}, []
+        # FSDP shards optimizer state; its runs are saved without it (resume them with --init-from)
+        for i, optimizer in enumerate(self.optimizers if s.parallel != "fsdp" or not self.world.distributed else []):
+            tensors, meta_i = _flatten_optimizer(optimizer.state_dict(), i)
+            state.update(tensors)
+            opt_meta.append(meta_i)
         meta = {"step": self.step, "total": self.total, "elapsed": self.elapsed, "tokens_seen": self.tokens_seen,
-                "settings": asdict(s), "optimizer": opt_meta, "data_fingerprint": self.corpus.fingerprint,
+                "settings": asdict(s), "optimizers": opt_meta, "data_fingerprint": self.corpus.fingerprint,
                 "data_position": self.step}
         data = {"corpus": self.corpus.name, "fingerprint": self.corpus.fingerprint, "split": self.corpus.split_rule,
                 "tokens_seen": self.tokens_seen}
-        path = checkpoint.save(self.out_dir, self.model, self.tokenizer, self.step, data, state, meta, self.expert_load())
+        path = self.out_dir / checkpoint.WEIGHTS
+        if self.world.is_main:
+            checkpoint.save(self.out_dir, weights, self.model.config, self.tokenizer, self.step, data, state, meta,
+                            self.expert_load())
         self.last_good_step = self.step
         return path
 
     def plan_budget(self, step_seconds: float) -> None:
         """With a time budget, fix the total step count from the measured step time (stored on save)."""
         budget = self.settings.budget_seconds
+        step_seconds = self.world.max(step_seconds, self.device)  # every rank plans the same total
         fits = self.step + int(max(0.0, budget - self.elapsed) / step_seconds)
         total = max(self.step + 1, min(self.settings.steps, fits))
         if total != self.total:
@@ -268,7 +293,9 @@ class Trainer:
     def run(self) -> int:
         s = self.settings
         self.model.train()
-        budget_planned = s.time_budget is None or self.opts.resume  # a resumed run keeps its stored plan
+        # a time budget is planned after 3 steps and re-planned at each eval until the decay starts
+        # (changing the total before then leaves every lr so far unchanged); a resumed run keeps its plan
+        budgeted = s.time_budget is not None and not self.opts.resume
         step_times: list[float] = []
         with StopFlag() as stop:
             while self.step < self.total:
@@ -281,15 +308,18 @@ class Trainer:
                 row.update(step=self.step, tok_per_s=tps, mfu=self.flops_per_step / dt / self.peak,
                            tokens=self.tokens_seen, time=round(self.elapsed, 3))
                 self.report.step(row, self.total)
-                if not budget_planned and len(step_times) == 3:
+                if budgeted and len(step_times) == 3:
                     self.plan_budget(sum(step_times[1:]) / 2)  # the first step pays one-off warm-up costs
-                    budget_planned = True
+                if budgeted and self.step % s.eval_every == 0 and self.step < (1 - s.decay_frac) * self.total:
+                    recent = step_times[1:][-s.eval_every:]
+                    self.plan_budget(sum(recent) / len(recent))
                 if self.step % s.eval_every == 0 or self.step == self.total:
                     val, bpb = self.evaluate()
                     self.report.eval({"step": self.step, "val_loss": val, "val_bpb": bpb, "train_loss": row["loss"]},
                                      self.expert_load())
                     self.save()
-                if stop.set:
+                    self.expert_counts = None  # each eval reports the load of its own interval
+                if self.world.any(stop.set, self.device):
                     path = self.save()
                     self.report.close()
                     self.report.print(f"stopped at step {self.step} of {self.total}; saved {path}.\n"
@@ -303,33 +333,34 @@ class Trainer:
         return 0
 
     def sample(self) -> str:
-        """A short sample from the trained model, starting a fresh document."""
-        if self.settings.sample_tokens <= 0:
+        """A short sample from the saved model (rank 0), starting a fresh document."""
+        if self.settings.sample_tokens <= 0 or not self.world.is_main:
             return ""
-        n = min(self.settings.sample_tokens, self.model.config.sequence_len - 1)
-        idx = torch.tensor([[self.tokenizer.eot_id]], device=self.device)
-        out = self.model.generate(idx, n, temperature=0.8, top_k=50, seed=self.settings.seed,
-                                  eos_id=self.tokenizer.eot_id)
+        model = self.model if not self.world.distributed else checkpoint.load(self.out_dir / checkpoint.WEIGHTS)[0]
+        n = min(self.settings.sample_tokens, model.config.sequence_len - 1)
+        idx = torch.tensor([[self.tokenizer.eot_id]], device=model.lm_head.weight.device)
+        out = model.generate(idx, n, temperature=0.8, top_k=50, seed=self.settings.seed, eos_id=self.tokenizer.eot_id)
         return self.tokenizer.decode([t for t in out[0, 1:].tolist() if t != self.tokenizer.eot_id])
 
 
-def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state -> flat tensors for safetensors + JSON for the rest (no pickle)."""
+def _flatten_optimizer(state_dict: dict[str, Any], index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer `index`'s state -> flat tensors for safetensors + JSON for the rest (no pickle)."""
     tensors, scalars = {}, {}
     for pid, values in state_dict["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{pid}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"optimizer{index}.{pid}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{key}"] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any], index: int) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = value
+        owner, pid, key = name.split(".", 2)
+        if owner == f"optimizer{index}":
+            state.setdefault(int(pid), {})[key] = value
     for name, value in meta["scalars"].items():
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +10,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from nanods.atomic import atomic_write
+
 
 class TrainReport:
     """Progress on stderr (a bar on a terminal, periodic lines otherwise), metrics on disk."""
 
-    def __init__(self, out_dir: Path, total: int, start: int, log_every: int, enabled: bool = True) -> None:
+    def __init__(self, out_dir: Path, total: int, log_every: int, enabled: bool = True) -> None:
         self.console = Console(stderr=True)
         self.out_dir, self.log_every, self.enabled = out_dir, log_every, enabled
         self.metrics_path = out_dir / "metrics.jsonl"
@@ -26,7 +27,7 @@ class TrainReport:
                 TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s  "
                            "MFU {task.fields[mfu]}"),
                 TimeRemainingColumn(), console=self.console, transient=False)
-            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-", mfu="-")
+            self.task = self.bar.add_task("train", total=total, loss="-", lr="-", tps="-", mfu="-")
             self.bar.start()
 
     def set_total(self, total: int) -> None:
@@ -66,7 +67,18 @@ class TrainReport:
         if self.bar is not None:
             self.bar.stop()
 
+    def begin(self, step: int, total: int) -> None:
+        """Start logging at `step`: a fresh run empties the log, a resumed one drops rows past its checkpoint."""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, total=total)
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        rows = [r for r in self.metrics_path.read_text(encoding="utf-8").splitlines() if r and json.loads(r)["step"] <= step]
+        self.metrics_path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+
     def _append(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -91,7 +103,5 @@ class TrainReport:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.out_dir / ".loss.png.tmp"
-        fig.savefig(tmp, format="png")
+        atomic_write(self.out_dir / "loss.png", lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
-        os.replace(tmp, self.out_dir / "loss.png")

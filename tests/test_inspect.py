@@ -1,0 +1,95 @@
+"""inspect tells the truth: parameter counts and cache bytes match real tensors; headers only."""
+
+import json
+import struct
+import time
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from nanods import NanoDeepSeek, checkpoint
+from nanods.errors import NanodsError
+from nanods.inspect import checkpoint_report, report
+from nanods.tokenizer import byte_tokenizer
+
+
+@pytest.mark.parametrize("attention,ffn", [("mla", "moe"), ("mha", "dense"), ("mha", "moe")])
+def test_params_total_and_cache_bytes_match_the_real_tensors(attention, ffn):
+    config = tiny_config(attention=attention, ffn=ffn)
+    model = NanoDeepSeek(config).eval()
+    info = report(config, seq_len=24, batch=2, dtype=torch.float32)
+    assert info["params_total"] == sum(p.numel() for p in model.parameters())
+    cache = model.init_cache(2, 24, dtype=torch.float32)
+    model.generate(torch.zeros(2, 4, dtype=torch.long), 4)  # generate uses its own cache; this one we fill
+    model(torch.zeros(2, 24, dtype=torch.long), cache=cache)
+    held = sum(b.numel() * b.element_size() for c in cache for b in c.buffers.values())
+    assert held == info["kv_cache_bytes"] == 2 * 24 * info["kv_cache_bytes_per_token"]
+
+
+def test_active_parameters_leave_out_unchosen_experts():
+    config = tiny_config(ffn="moe", num_experts=4, top_k=1, route_norm=False)
+    model = NanoDeepSeek(config)
+    experts = sum(b.ffn.experts.w_in.numel() + b.ffn.experts.w_out.numel() for b in model.blocks)
+    info = report(config)
+    assert info["params_total"] - info["params_active"] == experts * 3 // 4
+
+
+def _checkpoint(tmp_path):
+    model = NanoDeepSeek(tiny_config())
+    return checkpoint.save(tmp_path, model, model.config, byte_tokenizer(), 3, {"corpus": "test"}, {}, {"step": 3},
+                           [[0.25] * 4, [0.25] * 4])
+
+
+def test_checkpoint_report_counts_the_stored_tensors(tmp_path):
+    path = _checkpoint(tmp_path)
+    info = checkpoint_report(path)
+    assert info["checkpoint"]["values"] == info["params_total"] + 2 * 4  # + the two expert_bias buffers
+    assert info["checkpoint"]["step"] == 3 and info["expert_load"] == [[0.25] * 4] * 2
+
+
+def test_a_multi_gigabyte_checkpoint_is_inspected_from_its_header(tmp_path):
+    """A 'large'-sized file made of a header and a hole: only the header is ever read."""
+    config = tiny_config(n_layer=24, n_embd=1536, n_head=12, n_kv_head=6, vocab_size=32768, num_experts=8)
+    with torch.device("meta"):
+        model = NanoDeepSeek(config)
+    header, offset = {}, 0
+    for name, t in model.state_dict().items():
+        size = t.numel() * 4
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"nanods.config": config.to_json()}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "big.safetensors"
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)  # sparse: no data blocks on disk
+    assert path.stat().st_size > 2**32
+    start = time.perf_counter()
+    info = checkpoint_report(path)
+    assert time.perf_counter() - start < 1.0
+    assert info["params_total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_missing_component_names_its_package(tmp_path):
+    path = _checkpoint(tmp_path)
+    tensors = path.read_bytes()
+    n = struct.unpack("<Q", tensors[:8])[0]
+    header = json.loads(tensors[8:8 + n])
+    cfg = json.loads(header["__metadata__"]["nanods.config"])
+    cfg["router"] = "noisy-topk"
+    header["__metadata__"]["nanods.config"] = json.dumps(cfg)
+    header["__metadata__"]["nanods.components"] = json.dumps({"router": {"name": "noisy-topk", "dist": "nanods-noisy-topk"}})
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + tensors[8 + n:])
+    with pytest.raises(NanodsError, match="router 'noisy-topk' from package 'nanods-noisy-topk'.*pip install nanods-noisy-topk"):
+        checkpoint.load(path)
+
+
+def test_safetensors_without_nanods_metadata_is_reported(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3, 4)}, tmp_path / "plain.safetensors")
+    with pytest.raises(NanodsError, match="1 tensors .*12 values.*nanods.config is missing"):
+        checkpoint_report(tmp_path / "plain.safetensors")
