@@ -94,6 +94,8 @@ class Trainer:
         self.report.print(f"device {self.device}, dtype {str(self.dtype).removeprefix('torch.')}"
                           + (" (auto: no native bf16 matmul here)" if s.dtype == "auto" and self.dtype == torch.float32
                              else " (auto)" if s.dtype == "auto" else ""))
+        if self.world.distributed:
+            self.report.print(f"data parallel: {self.world.world_size} processes ({s.parallel})")
         self._check_out_dir()
         if s.parallel == "fsdp" and run.resume:
             raise NanodsError("resuming an FSDP run is not supported yet; continue it with --init-from, "

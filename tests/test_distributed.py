@@ -1,0 +1,57 @@
+"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 match one process accumulating the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+SOURCE = Path(__file__).resolve().parent.parent / "nanods"
+ARGS = ["train", "--scale", "tiny", "--steps", "5", "--device", "cpu", "--dtype", "float32",
+        "--set", f"train.data={json.dumps(str(SOURCE))}", "--set", "train.tokenizer=byte",
+        "--set", "train.batch_size=4", "--set", "train.micro_batch_size=2", "--set", "train.seq_len=32",
+        "--set", "train.eval_every=5", "--set", "train.eval_batches=1", "--set", "train.sample_tokens=0",
+        "--set", "train.warmup_steps=1", "--set", "model.bias_update_speed=0.01"]
+
+
+def losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "NANODS_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    out = root / "single"
+    proc = subprocess.run([sys.executable, "-m", "nanods", *ARGS, "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, env, out
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(single, parallel):
+    root, env, out_single = single
+    out = root / parallel
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "nanods", *ARGS, "--out", str(out), "--set", f"train.parallel={json.dumps(parallel)}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"data parallel: 2 processes ({parallel})" in proc.stderr
+    a, b = losses(out_single), losses(out)
+    assert len(a) == len(b) == 5
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=0)
+    wa, wb = load_file(out_single / "ckpt.safetensors"), load_file(out / "ckpt.safetensors")
+    biases = [k for k in wa if k.endswith("expert_bias")]
+    assert biases and all(wa[k].abs().sum() > 0 for k in biases)
+    for k in biases:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-7)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
