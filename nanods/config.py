@@ -320,7 +320,7 @@ def parse_duration(text: str) -> float:
 
 # Training defaults per scale, applied like the model presets (before nanods.toml and the CLI).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(steps=200, batch_size=8, seq_len=128, lr=3e-3, eval_every=50),
+    "tiny": dict(steps=200, batch_size=8, seq_len=128, lr=1e-2, warmup_steps=5, eval_every=50),
     "small": dict(steps=2000, time_budget="8m", batch_size=8, seq_len=256, lr=2e-3, eval_every=50),
     "base": dict(steps=5000, batch_size=32, seq_len=512, lr=1e-3, eval_every=250),
     "large": dict(steps=10000, batch_size=64, seq_len=1024, lr=6e-4, eval_every=500),

@@ -42,7 +42,7 @@ def test_tiny_run_learns_and_saves_the_design_metadata(run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first_loss = next(r["loss"] for r in rows if r.get("step") == 1 and "loss" in r)
     final_val = [r["val_loss"] for r in rows if "val_loss" in r][-1]
-    assert final_val < 0.75 * first_loss, (first_loss, final_val)
+    assert final_val < first_loss - 1.0, (first_loss, final_val)  # a nat below the uniform start
     assert (out / "loss.png").stat().st_size > 10_000
     assert proc.stdout.strip(), "the run prints a sample at the end"
 
