@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_bytes
+from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 
 import nanods
@@ -98,7 +98,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[NanoDeep
     tokenizer = Tokenizer.from_json(metadata["nanods.tokenizer"])
     with torch.device("meta"):
         model = NanoDeepSeek(config)
-    state = load_bytes(path.read_bytes())
+    state = load_file(path)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -124,4 +124,4 @@ def latest_state(out_dir: Path, step: int) -> tuple[dict[str, torch.Tensor], dic
         raise NanodsError(f"no training state for step {step} in '{out_dir}' ({path.name} is missing); "
                           "start a new run with --init-from instead")
     _, metadata = read_header(path)
-    return load_bytes(path.read_bytes()), json.loads(metadata["nanods.train"])
+    return load_file(path), json.loads(metadata["nanods.train"])

@@ -84,6 +84,8 @@ def build(group: str, name: str, config: NanoDeepSeekConfig, layer_idx: int) -> 
     """Construct a component as the contract says: cls(config, layer_idx)."""
     component = find(group, name)
     cls = component.load()
+    if name == getattr(config, group):  # its own options table, checked before the plugin sees it
+        options(cls, getattr(config, f"{group}_options"), f"[model.{group}_options]")
     try:
         return cls(config, layer_idx)
     except NanodsError:
