@@ -374,7 +374,12 @@ def train(project: Project, run: RunOptions) -> int:
     out_dir = Path(project.train.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(project, out_dir, run)
-    code = trainer.run()
+    try:
+        code = trainer.run()
+    except BaseException:
+        trainer.world.close(together=False)
+        raise
+    trainer.world.close()
     text = trainer.sample()
     if text:
         trainer.report.print("[bold]sample:[/]")

@@ -1,0 +1,185 @@
+"""`nanods bench`: what this machine does with a model, measured side by side in one process.
+
+Every figure is a median over repeats with its spread (min-max). MFU divides the shared FLOPs
+function by the matmul peak measured here, in the same run; the decode roofline divides the
+measured read bandwidth by the bytes a decode step must touch.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from nanods.config import NanoDeepSeekConfig
+from nanods.flops import count_parameters, flops_per_token
+from nanods.layers.ffn.dense import MLP
+from nanods.layers.ffn.experts import RoutedExperts
+from nanods.layers.ffn.moe import MoE
+from nanods.model import NanoDeepSeek
+from nanods.peak import _sync, matmul_peak
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median, min and max seconds of fn() over repeats (after warm-up calls)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def read_bandwidth(nbytes: int, device: torch.device, repeats: int = 5) -> float:
+    """Bytes/s of reading a buffer of nbytes (what a decode step does with weights and cache)."""
+    buf = torch.ones(max(nbytes // 4, 1 << 20), dtype=torch.float32, device=device)
+    t = timed(lambda: buf.sum(), device, repeats)
+    return buf.numel() * 4 / t["min"]
+
+
+def _rate(t: dict[str, float], work: float) -> dict[str, float]:
+    """Seconds -> work per second (median, and the spread as slowest-fastest)."""
+    return {"median": work / t["median"], "low": work / t["max"], "high": work / t["min"]}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):  # noqa: ANN202
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def bench_train(model: NanoDeepSeek, batch: int, seq: int, dtype: torch.dtype, device: torch.device,
+                repeats: int) -> dict[str, float]:
+    """Tokens/s of a full optimizer step (forward, backward, AdamW), parameters in float32."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device=device)
+
+    def step() -> None:
+        with _autocast(device, dtype):
+            loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return _rate(timed(step, device, repeats), batch * seq)
+
+
+@torch.no_grad()
+def bench_prefill(model: NanoDeepSeek, seq: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict:
+    idx = torch.randint(0, model.config.vocab_size, (1, seq), device=device)
+
+    def prefill() -> None:
+        with _autocast(device, dtype):
+            model(idx, cache=model.init_cache(1, seq))
+
+    return _rate(timed(prefill, device, repeats), seq)
+
+
+@torch.no_grad()
+def bench_decode(model: NanoDeepSeek, batch: int, prompt: int, new: int, device: torch.device,
+                 repeats: int) -> dict[str, float]:
+    """Greedy decode tokens/s (all rows) after a prompt, on the cache, in the model's dtype."""
+    idx = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+
+    def decode() -> None:
+        cache = model.init_cache(batch, prompt + new)
+        token = model(idx, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for i in range(new):
+            token = model(token, cache=cache, start_pos=prompt + i)[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        decode.seconds = time.perf_counter() - start  # exclude the prefill
+
+    seconds = []
+    for _ in range(repeats + 1):
+        decode()
+        seconds.append(decode.seconds)
+    return _rate({"median": statistics.median(seconds[1:]), "min": min(seconds[1:]), "max": max(seconds[1:])},
+                 batch * new)
+
+
+def decode_bytes_per_token(model: NanoDeepSeek, batch: int, context: int, dtype: torch.dtype) -> float:
+    """Bytes one decode step must read, per generated token: weights (experts hit) + lm_head + KV cache."""
+    cfg = model.config
+    params = count_parameters(model)["groups"]
+    itemsize = dtype.itemsize
+    dense = sum(g["total"] for name, g in params.items() if name not in ("embedding", "routed experts"))
+    experts = params.get("routed experts", {"total": 0})["total"]
+    hit = cfg.num_experts * (1 - (1 - cfg.top_k / cfg.num_experts) ** batch) if experts else 0  # expected union
+    expert_bytes = experts * hit / cfg.num_experts if experts else 0
+    embed_rows = batch * cfg.n_embd
+    kv = model.kv_cache_bytes_per_token(dtype) * context * batch
+    return ((dense + expert_bytes + embed_rows) * itemsize + kv) / batch
+
+
+def bench_moe_vs_dense(config: NanoDeepSeekConfig, batch: int, seq: int, dtype: torch.dtype, device: torch.device,
+                       repeats: int) -> dict[str, Any]:
+    """fwd+bwd seconds of one MoE layer vs a dense FFN with the same active parameters."""
+    moe = MoE(config, 0).to(device)
+    active_hidden = (config.top_k + config.n_shared_experts) * config.moe_hidden
+    dense = MLP(config.n_embd, active_hidden, config.activation).to(device)
+    x = torch.randn(batch, seq, config.n_embd, device=device, requires_grad=True)
+
+    def run(module: torch.nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            with _autocast(device, dtype):
+                out = module(x)
+            (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
+        return step
+
+    t_moe, t_dense = timed(run(moe), device, repeats), timed(run(dense), device, repeats)
+    kernel = next(m for m in moe.modules() if isinstance(m, RoutedExperts)).kernel
+    return {"moe_s": t_moe["median"], "dense_s": t_dense["median"], "ratio": t_moe["median"] / t_dense["median"],
+            "kernel": kernel}
+
+
+def run(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, repeats: int = 5,
+        train_batch: int = 8, train_seq: int = 256, prefill_seq: int = 512, new_tokens: int = 64,
+        long_context: int = 1024, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """All measurements for one config; decode runs in `dtype` (weights cast), training under autocast."""
+    out: dict[str, Any] = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                           "threads": torch.get_num_threads(), "repeats": repeats}
+    progress("matmul peak")
+    out["peak_flops"] = {name: matmul_peak(device, dt, seconds=1.0)
+                         for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    torch.manual_seed(0)
+    model = NanoDeepSeek(config).to(device)
+    params = count_parameters(model)
+    out["params_total"], out["params_active"] = params["total"], params["active"]
+    out["kv_cache_bytes_per_token"] = model.kv_cache_bytes_per_token(dtype)
+    progress("train step")
+    train = bench_train(model, train_batch, train_seq, dtype, device, repeats)
+    flops = 3 * flops_per_token(model, train_seq)
+    peak = out["peak_flops"]["bfloat16" if dtype == torch.bfloat16 else "float32"]
+    out["train"] = {"batch": train_batch, "seq": train_seq, "tokens_per_s": train,
+                    "mfu": train["median"] * flops / peak}
+    model.eval().to(dtype)
+    progress("prefill")
+    out["prefill"] = {"seq": prefill_seq, "tokens_per_s": bench_prefill(model, prefill_seq, dtype, device, repeats)}
+    bandwidth = read_bandwidth(int(sum(p.numel() for p in model.parameters()) * dtype.itemsize), device)
+    out["read_bandwidth_bytes_per_s"] = bandwidth
+    decode = []
+    paths = ["absorbed", "naive"] if config.use_mla else ["cache"]
+    for batch, prompt in ((1, 64), (8, 64), (1, long_context - new_tokens)):
+        for path in paths:
+            progress(f"decode batch {batch}, context {prompt + new_tokens}, {path}")
+            for block in model.blocks:
+                if config.use_mla:
+                    block.attn.absorb = "auto" if path == "absorbed" else "never"
+            rate = bench_decode(model, batch, prompt, new_tokens, device, max(2, repeats // 2))
+            roofline = bandwidth / decode_bytes_per_token(model, batch, prompt + new_tokens // 2, dtype)
+            decode.append({"batch": batch, "context": prompt + new_tokens, "path": path, "tokens_per_s": rate,
+                           "roofline_tokens_per_s": roofline, "roofline_fraction": rate["median"] / roofline})
+    for block in model.blocks:
+        if config.use_mla:
+            block.attn.absorb = "auto"
+    out["decode"] = decode
+    if config.use_moe:
+        progress("MoE vs dense FFN")
+        out["moe_vs_dense"] = bench_moe_vs_dense(config, train_batch, train_seq, dtype, device, repeats)
+    return out
