@@ -142,6 +142,9 @@ def run(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, re
         train_batch: int = 8, train_seq: int = 256, prefill_seq: int = 512, new_tokens: int = 64,
         long_context: int = 1024, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """All measurements for one config; decode runs in `dtype` (weights cast), training under autocast."""
+    limit = config.sequence_len  # every length fits the model's context
+    train_seq, prefill_seq, long_context = min(train_seq, limit), min(prefill_seq, limit), min(long_context, limit)
+    new_tokens = min(new_tokens, long_context // 2)
     out: dict[str, Any] = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
                            "threads": torch.get_num_threads(), "repeats": repeats}
     progress("matmul peak")

@@ -75,7 +75,8 @@ def save(out_dir: str | Path, weights: NanoDeepSeek | dict[str, torch.Tensor], c
     return path
 
 
-def _config_from(metadata: dict[str, str], path: Path) -> NanoDeepSeekConfig:
+def config_from_metadata(metadata: dict[str, str], path: str | Path) -> NanoDeepSeekConfig:
+    """The stored config, after checking that every component it names is installed."""
     if "nanods.config" not in metadata:
         raise NanodsError(f"'{path}' has no nanods metadata (nanods.config): it was not written by nanods")
     config = NanoDeepSeekConfig.from_dict(json.loads(metadata["nanods.config"]), f"nanods.config of {path}")
@@ -94,7 +95,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[NanoDeep
     """A checkpoint -> (model in eval mode, tokenizer). Reads tensors with safetensors only (no pickle)."""
     path = Path(path)
     _, metadata = read_header(path)
-    config = _config_from(metadata, path)
+    config = config_from_metadata(metadata, path)
     tokenizer = Tokenizer.from_json(metadata["nanods.tokenizer"])
     with torch.device("meta"):
         model = NanoDeepSeek(config)

@@ -116,7 +116,8 @@ def train(
     Ctrl-C stops at the next step, saves, and prints how to resume.
     """
     from nanods.config import load_project
-    from nanods.train.loop import RunOptions, train as run_training
+    from nanods.train.loop import RunOptions
+    from nanods.train.loop import train as run_training
 
     cli = {"model": {"attention": attention, "ffn": ffn, "router": router},
            "train": {"data": data, "steps": steps, "time_budget": time_budget, "out": out, "device": device, "dtype": dtype}}
@@ -193,6 +194,70 @@ def sample(
         cache = model.kv_cache_bytes_per_token(model.lm_head.weight.dtype) * (len(ids) + produced) * num_samples
         err.print(f"{produced * num_samples} tokens in {seconds:.2f} s ({produced * num_samples / seconds:,.1f} tok/s, "
                   f"{'no cache' if no_cache else f'KV cache {_fmt_bytes(cache)}'})", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------
+@app.command()
+def bench(
+    scale: Annotated[str, typer.Option(help="Preset to measure: tiny, small, base, large.")] = "small",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 where native, else fp32), float32/fp32, bfloat16/bf16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    repeats: Annotated[int, typer.Option(help="Timed repeats per measurement (medians are reported).")] = 5,
+    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override a model key, e.g. --set model.attention=mha.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+) -> None:
+    """Measure train step, prefill and decode speed, MFU and the decode roofline on this machine.
+
+    One process, one run: the matmul peak and read bandwidth are measured beside the model, so
+    the ratios (MFU, fraction of the roofline, MoE vs dense, absorbed vs naive MLA) are fair.
+    """
+    from nanods import bench as benchmarks
+    from nanods.config import resolve_project
+    from nanods.device import resolve_device, resolve_dtype
+
+    if repeats < 1:
+        raise NanodsError("--repeats must be at least 1")
+    config = resolve_project({}, scale=scale, sets=sets, where="--scale/--set").model
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    with err.status("measuring") as status:
+        result = benchmarks.run(config, torch_device, torch_dtype, repeats,
+                                progress=lambda what: status.update(f"measuring {what}"))
+    result["scale"] = scale
+    if as_json:
+        _print_json(result)
+        return
+    _print_bench(result)
+
+
+def _spread(rate: dict[str, float]) -> str:
+    return f"{rate['median']:,.0f} ({rate['low']:,.0f}-{rate['high']:,.0f})"
+
+
+def _print_bench(r: dict[str, Any]) -> None:
+    table = Table(title=f"nanods bench: {r['scale']}, {r['dtype']} on {r['device']} ({r['threads']} threads), "
+                        f"medians of {r['repeats']} (spread)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    peaks = r["peak_flops"]
+    table.add_row("matmul peak fp32 / bf16", f"{peaks['float32'] / 1e9:,.0f} / {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s",
+                  "x @ W^T, 1024^2")
+    table.add_row("read bandwidth", f"{r['read_bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s", "sum over a weight-sized buffer")
+    t = r["train"]
+    table.add_row(f"train step {t['batch']}x{t['seq']} tok/s", _spread(t["tokens_per_s"]),
+                  f"MFU {100 * t['mfu']:.0f}% (optimizer included)")
+    table.add_row(f"prefill 1x{r['prefill']['seq']} tok/s", _spread(r["prefill"]["tokens_per_s"]), "")
+    for d in r["decode"]:
+        table.add_row(f"decode b{d['batch']} ctx {d['context']} {d['path']} tok/s", _spread(d["tokens_per_s"]),
+                      f"{100 * d['roofline_fraction']:.0f}% of roofline {d['roofline_tokens_per_s']:,.0f}")
+    if "moe_vs_dense" in r:
+        m = r["moe_vs_dense"]
+        table.add_row("MoE FFN fwd+bwd / active-dense twin", f"{m['ratio']:.2f}x",
+                      f"{m['moe_s'] * 1e3:.1f} ms vs {m['dense_s'] * 1e3:.1f} ms, kernel {m['kernel']}")
+    table.add_row("KV cache per token", _fmt_bytes(r["kv_cache_bytes_per_token"]), "all layers")
+    table.add_row("parameters total / active", f"{r['params_total']:,} / {r['params_active']:,}", "")
+    out.print(table)
 
 
 # ---------------------------------------------------------------------------------------------

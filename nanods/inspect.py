@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from nanods.checkpoint import config_from_metadata
 from nanods.config import NanoDeepSeekConfig
 from nanods.errors import NanodsError
 from nanods.flops import build_on_meta, count_parameters, flops_per_token
@@ -50,7 +51,7 @@ def checkpoint_report(path: str | Path, **kwargs: Any) -> dict[str, Any]:
     if "nanods.config" not in metadata:
         raise NanodsError(f"'{path}' has {len(tensors)} tensors ({stored:,} values) but no nanods metadata "
                           "(nanods.config is missing): it was not written by nanods")
-    config = NanoDeepSeekConfig.from_dict(json.loads(metadata["nanods.config"]), "nanods.config")
+    config = config_from_metadata(metadata, path)  # names the package of a component that is not installed
     out = report(config, **kwargs)
     out["checkpoint"] = {"path": str(path), "tensors": len(tensors), "values": stored,
                          "step": int(metadata.get("nanods.step", 0)), "version": metadata.get("nanods.version")}

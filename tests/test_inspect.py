@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from nanods import NanoDeepSeek, checkpoint
 from nanods.errors import NanodsError
 from nanods.inspect import checkpoint_report, report

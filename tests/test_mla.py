@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import build
+
 from nanods.layers.attention.cache import LayerCache
 
 

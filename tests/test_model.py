@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import COMBOS, build, tiny_config
+
 from nanods import NanoDeepSeek, create_nano_deepseek
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import build, tiny_config
+
 from nanods.errors import NanodsError
 from nanods.layers.ffn.dense import activate
 from nanods.layers.ffn.moe import MoE, update_expert_bias

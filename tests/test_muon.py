@@ -1,8 +1,8 @@
 """Muon: batched Newton-Schulz orthogonalisation, the parameter split, and training with it."""
 
 import torch
-
 from conftest import build
+
 from nanods.config import TrainSettings
 from nanods.train.muon import Muon, newton_schulz
 from nanods.train.optim import build_optimizers, split_parameters

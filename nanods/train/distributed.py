@@ -102,7 +102,10 @@ def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:
 def full_state_dict(model: nn.Module, world: World, parallel: str) -> dict[str, torch.Tensor]:
     """The whole, unsharded model state on CPU (every rank must call it under FSDP)."""
     if world.distributed and parallel == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}

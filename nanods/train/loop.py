@@ -28,8 +28,8 @@ from nanods.layers.ffn.moe import update_expert_bias
 from nanods.model import NanoDeepSeek
 from nanods.peak import matmul_peak
 from nanods.tokenizer import Tokenizer
-from nanods.train.optim import build_optimizers, describe_split
 from nanods.train.distributed import full_state_dict, init_world, wrap
+from nanods.train.optim import build_optimizers, describe_split
 from nanods.train.report import TrainReport
 from nanods.train.schedule import lr_factor
 

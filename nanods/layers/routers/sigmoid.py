@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from nanods.config import NanoDeepSeekConfig
-from nanods.layers.routers.common import Gate, balance_loss, finish_weights, limited_topk
+from nanods.layers.routers.common import (
+    Gate,
+    balance_loss,
+    finish_weights,
+    limited_topk,
+)
 
 
 class SigmoidRouter(Gate):

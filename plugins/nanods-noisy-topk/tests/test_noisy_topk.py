@@ -1,8 +1,8 @@
 import pytest
 import torch
+from nanods_noisy_topk import NoisyTopKRouter
 
 from nanods.testing import check_component, tiny_config
-from nanods_noisy_topk import NoisyTopKRouter
 
 
 def test_conforms_to_the_nanods_router_contract():
