@@ -168,7 +168,8 @@ def run(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, re
     out["read_bandwidth_bytes_per_s"] = bandwidth
     decode = []
     paths = ["absorbed", "naive"] if config.use_mla else ["cache"]
-    for batch, prompt in ((1, 64), (8, 64), (1, long_context - new_tokens)):
+    short = min(64, long_context - new_tokens)
+    for batch, prompt in ((1, short), (8, short), (1, long_context - new_tokens)):
         for path in paths:
             progress(f"decode batch {batch}, context {prompt + new_tokens}, {path}")
             for block in model.blocks:

@@ -76,18 +76,23 @@ def save(out_dir: str | Path, weights: NanoDeepSeek | dict[str, torch.Tensor], c
 
 
 def config_from_metadata(metadata: dict[str, str], path: str | Path) -> NanoDeepSeekConfig:
-    """The stored config, after checking that every component it names is installed."""
+    """The stored config, with each component resolved to the package that trained it."""
     if "nanods.config" not in metadata:
         raise NanodsError(f"'{path}' has no nanods metadata (nanods.config): it was not written by nanods")
     config = NanoDeepSeekConfig.from_dict(json.loads(metadata["nanods.config"]), f"nanods.config of {path}")
     provided = json.loads(metadata.get("nanods.components", "{}"))
     for group, name in registry.selected(config).items():
-        try:
-            registry.find(group, name)
-        except NanodsError:
-            dist = provided.get(group, {}).get("dist", "the package that provides it")
-            raise NanodsError(f"'{path}' needs {group} '{name}' from package '{dist}', which is not installed: "
-                              f"pip install {dist}") from None
+        dist = provided.get(group, {}).get("dist")
+        offered = {c.dist for c in registry.components(group) if c.name == name.rpartition(":")[2]}
+        if dist and dist in offered and len(offered) > 1:
+            setattr(config, group, f"{dist}:{name.rpartition(':')[2]}")  # two packages offer it: take the recorded one
+        elif dist and offered and dist not in offered:
+            raise NanodsError(f"'{path}' was trained with {group} '{name}' from package '{dist}', but here it comes "
+                              f"from {', '.join(sorted(offered))}: pip install {dist}")
+        elif not offered:
+            package = dist or "the package that provides it"
+            raise NanodsError(f"'{path}' needs {group} '{name}' from package '{package}', which is not installed: "
+                              f"pip install {package}")
     return config
 
 

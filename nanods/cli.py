@@ -323,6 +323,9 @@ def _print_inspect(info: dict[str, Any]) -> None:
         table.add_row(name, f"{g['total']:,}", f"{g['active']:,}")
     table.add_row("[bold]all[/]", f"[bold]{info['params_total']:,}[/]", f"[bold]{info['params_active']:,}[/]")
     out.print(table)
+    if "components" in info:
+        out.print("components: " + ", ".join(f"{g} {c['name']} ({c['dist']} {c['version']})"
+                                             for g, c in info["components"].items()), highlight=False)
     cost = Table(title=f"costs at seq_len={info['seq_len']}, batch={info['batch']}, {info['dtype']}")
     cost.add_column("measure")
     cost.add_column("value", justify="right")

@@ -55,6 +55,8 @@ def checkpoint_report(path: str | Path, **kwargs: Any) -> dict[str, Any]:
     out = report(config, **kwargs)
     out["checkpoint"] = {"path": str(path), "tensors": len(tensors), "values": stored,
                          "step": int(metadata.get("nanods.step", 0)), "version": metadata.get("nanods.version")}
+    if "nanods.components" in metadata:
+        out["components"] = json.loads(metadata["nanods.components"])
     if "nanods.expert_load" in metadata:
         out["expert_load"] = json.loads(metadata["nanods.expert_load"])
     return out

@@ -71,8 +71,8 @@ def find(group: str, name: str) -> Component:
                           f"registered: {', '.join(names) or 'none'} (see `nanods components`)")
     if len(matches) > 1:
         offered = " and ".join(f"'{c.dist}'" for c in matches)
-        raise NanodsError(f"{group} '{short}' is offered by both {offered}; "
-                          f"pick one with '{matches[0].dist}:{short}'")
+        choices = " or ".join(f"'{c.dist}:{short}'" for c in matches)
+        raise NanodsError(f"{group} '{short}' is offered by both {offered}; pick one with {choices}")
     return matches[0]
 
 
@@ -102,7 +102,8 @@ def options(cls: type, values: dict[str, Any], where: str) -> Any:
     schema = getattr(cls, "Config", None)
     if schema is None:
         if values:
-            raise NanodsError(f"{where} has options {sorted(values)} but the component declares none")
+            raise NanodsError(f"{where} has options {sorted(values)} but {cls.__name__} declares none "
+                              "(is the intended component selected?)")
         return None
     return schema(**check_fields(values, where, schema))
 

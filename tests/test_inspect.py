@@ -77,13 +77,13 @@ def test_missing_component_names_its_package(tmp_path):
     n = struct.unpack("<Q", tensors[:8])[0]
     header = json.loads(tensors[8:8 + n])
     cfg = json.loads(header["__metadata__"]["nanods.config"])
-    cfg["router"] = "noisy-topk"
+    cfg["router"] = "no-such-router"
     header["__metadata__"]["nanods.config"] = json.dumps(cfg)
-    header["__metadata__"]["nanods.components"] = json.dumps({"router": {"name": "noisy-topk", "dist": "nanods-noisy-topk"}})
+    header["__metadata__"]["nanods.components"] = json.dumps({"router": {"name": "no-such-router", "dist": "nanods-no-such-router"}})
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + tensors[8 + n:])
-    with pytest.raises(NanodsError, match="router 'noisy-topk' from package 'nanods-noisy-topk'.*pip install nanods-noisy-topk"):
+    with pytest.raises(NanodsError, match="router 'no-such-router' from package 'nanods-no-such-router'.*pip install nanods-no-such-router"):
         checkpoint.load(path)
 
 

@@ -67,7 +67,7 @@ def test_a_plugin_router_is_listed_built_and_conforms(install):
 
 def test_a_name_offered_twice_names_both_packages(install):
     install("other-dist", {"sigmoid": "MODULE:PlainRouter"})
-    with pytest.raises(NanodsError, match="'nanods' and 'other-dist'.*'nanods:sigmoid'"):
+    with pytest.raises(NanodsError, match="'nanods' and 'other-dist'.*'nanods:sigmoid' or 'other-dist:sigmoid'"):
         registry.find("router", "sigmoid")
     assert registry.find("router", "other-dist:sigmoid").dist == "other-dist"
     model = NanoDeepSeek(tiny_config("router", "other-dist:sigmoid"))
@@ -101,6 +101,18 @@ def test_checkpoints_record_provenance_and_name_a_missing_package(install, tmp_p
     registry.components.cache_clear()
     with pytest.raises(NanodsError, match="needs router 'plain' from package 'fake-router'.*pip install fake-router"):
         checkpoint.load(path)
+
+
+def test_a_checkpoint_loads_its_own_package_when_two_offer_the_name(install, tmp_path):
+    install("fake-router", {"plain": "MODULE:PlainRouter"})
+    model = NanoDeepSeek(tiny_config("router", "plain"))
+    path = checkpoint.save(tmp_path / "run", model, model.config, byte_tokenizer(), 1, {}, {}, {})
+    install("rival-router", {"plain": "MODULE:WrongShapeRouter"})
+    with pytest.raises(NanodsError, match="offered by both"):
+        registry.find("router", "plain")
+    loaded, _ = checkpoint.load(path)
+    assert loaded.config.router == "fake-router:plain"
+    loaded(torch.zeros(1, 4, dtype=torch.long))  # the rival's broken router would raise here
 
 
 def test_unknown_component_suggests_the_closest(install):
