@@ -162,6 +162,8 @@ def sample(
     if speculative and model.config.mtp_depth < 1:
         raise NanodsError("--speculative needs a model trained with mtp_depth >= 1; this one has mtp_depth = 0")
     if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise NanodsError(f"prompt file '{prompt_file}' not found")
         prompt = prompt_file.read_text(encoding="utf-8")
     elif prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()

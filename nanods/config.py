@@ -397,6 +397,8 @@ def resolve_project(
 ) -> Project:
     """Apply DESIGN's resolution order and validate every key and component name."""
     toml = toml or {}
+    if cli or sets:  # values are merged before they are checked: name every place they may come from
+        where = f"{where} or the command line"
     for section in toml:
         if section not in SECTIONS:
             raise NanodsError(f"unknown section [{section}] in {where}{did_you_mean(section, SECTIONS)}")

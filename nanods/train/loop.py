@@ -138,6 +138,7 @@ class Trainer:
         self.peak = matmul_peak(self.device, self.dtype)
         self.expert_counts: torch.Tensor | None = None
         self.last_good_step: int | None = resumed["step"] if resumed else None
+        out_dir.mkdir(parents=True, exist_ok=True)  # only once everything checked out: a failed start leaves no trace
         self.report.begin(self.step, self.total)
 
     # ---- setup ------------------------------------------------------------------------------
@@ -371,9 +372,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
 
 def train(project: Project, run: RunOptions) -> int:
     """Run `nanods train`; returns the exit code."""
-    out_dir = Path(project.train.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(project, out_dir, run)
+    trainer = Trainer(project, Path(project.train.out), run)
     try:
         code = trainer.run()
     except BaseException:

@@ -100,7 +100,13 @@ class TrainReport:
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
         if train:
-            ax.plot(*zip(*train), label="train loss", color="#4C72B0", linewidth=1)
+            steps, values = zip(*train)
+            ax.plot(steps, values, color="#4C72B0", alpha=0.3, linewidth=1)
+            smooth, ema = [], values[0]
+            for v in values:  # an exponential moving average shows the trend through batch noise
+                ema = 0.9 * ema + 0.1 * v
+                smooth.append(ema)
+            ax.plot(steps, smooth, label="train loss (EMA 0.9)", color="#4C72B0", linewidth=1.5)
         if val:
             ax.plot(*zip(*val), "o-", label="val loss", color="#DD8452")
         ax.set_xlabel("optimizer step")
