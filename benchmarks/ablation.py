@@ -1,0 +1,84 @@
+"""MHA/MLA x dense/MoE at `small` size and (nearly) equal active parameters, same wall-clock budget.
+
+    python benchmarks/ablation.py [--budget 3m] [--out runs/ablation] [--json]
+
+Each variant is trained by `nanods train` on the stdlib corpus with the same time budget, tokenizer,
+batch and schedule; the table reports val bits/byte, tokens/s, active/total parameters and KV-cache
+bytes per token, and ablation.png plots the validation curves against wall-clock time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+VARIANTS = [("mha", "dense"), ("mha", "moe"), ("mla", "dense"), ("mla", "moe")]
+
+
+def run_variant(attention: str, ffn: str, budget: str, out: Path) -> dict:
+    run_dir = out / f"{attention}-{ffn}"
+    cmd = [sys.executable, "-m", "nanods", "train", "--scale", "small", "--attention", attention, "--ffn", ffn,
+           "--time-budget", budget, "--out", str(run_dir), "--overwrite", "--set", "train.sample_tokens=0",
+           "--set", "train.eval_every=25"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "tok_per_s" in r]
+    evals = [r for r in rows if "val_bpb" in r]
+    time_at = {r["step"]: r["time"] for r in steps}
+    info = json.loads(subprocess.run([sys.executable, "-m", "nanods", "inspect", str(run_dir / "ckpt.safetensors"),
+                                      "--json"], check=True, capture_output=True, text=True).stdout)
+    return {"attention": attention, "ffn": ffn, "val_bpb": evals[-1]["val_bpb"], "val_loss": evals[-1]["val_loss"],
+            "steps": steps[-1]["step"], "tokens_per_s": sorted(r["tok_per_s"] for r in steps)[len(steps) // 2],
+            "params_active": info["params_active"], "params_total": info["params_total"],
+            "kv_cache_bytes_per_token": info["kv_cache_bytes_per_token"],
+            "curve": [(time_at[r["step"]], r["val_bpb"]) for r in evals]}
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for r in results:
+        ax.plot(*zip(*r["curve"]), "o-", label=f"{r['attention']} + {r['ffn']}")
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("val bits per byte")
+    ax.set_title("nanods ablation at small size, equal wall clock")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", default="3m", help="training time per variant (e.g. 90s, 3m)")
+    parser.add_argument("--out", default="runs/ablation", type=Path)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = [run_variant(a, f, args.budget, args.out) for a, f in VARIANTS]
+    plot(results, args.out / "ablation.png")
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"ablation: small, {args.budget} each (plot: {args.out / 'ablation.png'})")
+    for col in ("variant", "val bits/byte", "steps", "tokens/s", "active / total params", "KV cache B/token"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in sorted(results, key=lambda r: r["val_bpb"]):
+        table.add_row(f"{r['attention']} + {r['ffn']}", f"{r['val_bpb']:.4f}", str(r["steps"]),
+                      f"{r['tokens_per_s']:,.0f}", f"{r['params_active']:,} / {r['params_total']:,}",
+                      f"{r['kv_cache_bytes_per_token']:,}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

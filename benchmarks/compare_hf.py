@@ -1,0 +1,175 @@
+"""nanods beside transformers' DeepseekV3ForCausalLM, configured identically, measured in one run.
+
+    pip install -e ".[bench]"
+    python benchmarks/compare_hf.py [--repeats 3] [--json]
+
+Both sides get the same dimensions, routing and batches; the measurements alternate between the
+two so machine noise hits both alike. Reported: tokens/s per side and the nanods/transformers
+ratio for a training step, prefill and greedy decode, and each side's peak training memory
+(measured in a fresh subprocess: peak RSS minus RSS right after `import torch`; Linux).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPE = dict(layers=6, width=384, heads=4, kv_lora=192, q_lora=192, rope=32, nope=64, v=64, experts=4, top_k=2,
+             shared=1, moe_hidden=768, vocab=4096, context=2048)
+
+
+def build(side: str) -> torch.nn.Module:
+    s = SHAPE
+    torch.manual_seed(0)
+    if side == "nanods":
+        from nanods import NanoDeepSeek, NanoDeepSeekConfig
+
+        return NanoDeepSeek(NanoDeepSeekConfig(
+            n_layer=s["layers"], n_embd=s["width"], n_head=s["heads"], n_kv_head=s["heads"], vocab_size=s["vocab"],
+            sequence_len=s["context"], kv_lora_rank=s["kv_lora"], q_lora_rank=s["q_lora"], qk_rope_head_dim=s["rope"],
+            qk_nope_head_dim=s["nope"], v_head_dim=s["v"], num_experts=s["experts"], top_k=s["top_k"],
+            n_shared_experts=s["shared"], moe_hidden=s["moe_hidden"], activation="swiglu", norm_weights=True,
+            route_norm=True, route_scale=1.0, attention="mla", ffn="moe", router="sigmoid"))
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(
+        vocab_size=s["vocab"], hidden_size=s["width"], intermediate_size=s["moe_hidden"] * (s["top_k"] + s["shared"]),
+        moe_intermediate_size=s["moe_hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+        num_key_value_heads=s["heads"], n_shared_experts=s["shared"], n_routed_experts=s["experts"],
+        routed_scaling_factor=1.0, kv_lora_rank=s["kv_lora"], q_lora_rank=s["q_lora"], qk_rope_head_dim=s["rope"],
+        v_head_dim=s["v"], qk_nope_head_dim=s["nope"], n_group=1, topk_group=1, num_experts_per_tok=s["top_k"],
+        first_k_dense_replace=0, norm_topk_prob=True, max_position_embeddings=s["context"], tie_word_embeddings=False)
+    return DeepseekV3ForCausalLM(config)
+
+
+def loss_of(side: str, model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy on idx (B, T + 1), computed the same way on both sides."""
+    if side == "nanods":
+        return model(idx[:, :-1], idx[:, 1:])
+    logits = model(input_ids=idx[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), idx[:, 1:].flatten())
+
+
+def train_step(side: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, idx: torch.Tensor) -> float:
+    start = time.perf_counter()
+    loss_of(side, model, idx).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def prefill(side: str, model: torch.nn.Module, idx: torch.Tensor) -> float:
+    start = time.perf_counter()
+    if side == "nanods":
+        model(idx, cache=model.init_cache(idx.size(0), idx.size(1)))
+    else:
+        model(input_ids=idx, use_cache=True)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def decode(side: str, model: torch.nn.Module, idx: torch.Tensor, new: int) -> float:
+    """Seconds for `new` greedy tokens after the prompt (prefill included on both sides)."""
+    start = time.perf_counter()
+    if side == "nanods":
+        out = model.generate(idx, new, temperature=0)
+    else:
+        out = model.generate(input_ids=idx, attention_mask=torch.ones_like(idx), max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
+    assert out.shape[1] == idx.shape[1] + new
+    return time.perf_counter() - start
+
+
+def _status_bytes(field: str) -> int:
+    """VmHWM (peak) or VmRSS (now) of this process. Not ru_maxrss: Linux keeps that across the
+    exec of a subprocess, so a child would inherit its large parent's peak."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def measure_memory(side: str) -> int:
+    """Peak RSS growth (bytes) of two training steps, run in this fresh process."""
+    baseline = _status_bytes("VmRSS")
+    model = build(side).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx = torch.randint(0, SHAPE["vocab"], (8, 257))
+    for _ in range(2):
+        train_step(side, model, optimizer, idx)
+    return _status_bytes("VmHWM") - baseline
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--memory-of", choices=["nanods", "transformers"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_of:
+        print(measure_memory(args.memory_of))
+        return
+    sides = ("transformers", "nanods")
+    models = {side: build(side) for side in sides}
+    params = {side: sum(p.numel() for p in m.parameters()) for side, m in models.items()}
+    optimizers = {side: torch.optim.AdamW(m.parameters(), lr=1e-4) for side, m in models.items()}
+    g = torch.Generator().manual_seed(0)
+    batches = {
+        "train 8x256": (torch.randint(0, SHAPE["vocab"], (8, 257), generator=g), 8 * 256),
+        "prefill 1x512": (torch.randint(0, SHAPE["vocab"], (1, 512), generator=g), 512),
+        "decode b1 64+256": (torch.randint(0, SHAPE["vocab"], (1, 64), generator=g), 256),
+        "decode b8 64+256": (torch.randint(0, SHAPE["vocab"], (8, 64), generator=g), 8 * 256),
+        "decode b1 960+64 (ctx 1024)": (torch.randint(0, SHAPE["vocab"], (1, 960), generator=g), 64),
+    }
+    times: dict[str, dict[str, list[float]]] = {name: {s: [] for s in sides} for name in batches}
+    for side in sides:  # warm up each path once
+        train_step(side, models[side], optimizers[side], batches["train 8x256"][0])
+    for _ in range(args.repeats):
+        for name, (idx, _) in batches.items():
+            for side in sides:  # alternate: noise hits both sides alike
+                model = models[side]
+                if name.startswith("train"):
+                    model.train()
+                    times[name][side].append(train_step(side, model, optimizers[side], idx))
+                else:
+                    model.eval()
+                    new = 256 if "256" in name else 64
+                    fn = prefill(side, model, idx) if name.startswith("prefill") else decode(side, model, idx, new)
+                    times[name][side].append(fn)
+    rows = []
+    for name, (_, work) in batches.items():
+        rate = {s: work / statistics.median(times[name][s]) for s in sides}
+        rows.append({"measure": name, "transformers_tok_s": rate["transformers"], "nanods_tok_s": rate["nanods"],
+                     "ratio": rate["nanods"] / rate["transformers"]})
+    memory = {}
+    for side in sides:
+        proc = subprocess.run([sys.executable, __file__, "--memory-of", side], capture_output=True, text=True, check=True)
+        memory[side] = int(proc.stdout.strip().splitlines()[-1])
+    result = {"shape": SHAPE, "params": params, "repeats": args.repeats, "threads": torch.get_num_threads(),
+              "rows": rows, "train_peak_memory_bytes": memory}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"nanods vs transformers DeepseekV3, float32, {torch.get_num_threads()} threads, "
+                        f"medians of {args.repeats} alternating runs")
+    for col in ("measure", "transformers tok/s", "nanods tok/s", "nanods / transformers"):
+        table.add_column(col, justify="left" if col == "measure" else "right")
+    for r in rows:
+        table.add_row(r["measure"], f"{r['transformers_tok_s']:,.1f}", f"{r['nanods_tok_s']:,.1f}", f"{r['ratio']:.2f}x")
+    table.add_row("train peak memory", f"{memory['transformers'] / 2**30:.2f} GiB", f"{memory['nanods'] / 2**30:.2f} GiB",
+                  f"{memory['nanods'] / memory['transformers']:.2f}x")
+    Console().print(table)
+    Console().print(f"parameters: transformers {params['transformers']:,}, nanods {params['nanods']:,}")
+
+
+if __name__ == "__main__":
+    main()
