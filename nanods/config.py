@@ -95,9 +95,9 @@ class NanoDeepSeekConfig:
         if self.v_head_dim is None:
             self.v_head_dim = head_dim
         if self.ffn_hidden is None:
-            self.ffn_hidden = 4 * self.n_embd if self.activation == "relu2" else _round_up(8 * self.n_embd // 3, 64)
+            self.ffn_hidden = 4 * self.n_embd if self.activation == "relu2" else round_up(8 * self.n_embd // 3, 64)
         if self.moe_hidden is None:
-            self.moe_hidden = _round_up(self.ffn_hidden // (self.top_k + self.n_shared_experts), 32)
+            self.moe_hidden = round_up(self.ffn_hidden // (self.top_k + self.n_shared_experts), 32)
         if self.route_norm is None:
             self.route_norm = self.top_k > 1
         if self.aux_loss_alpha is None:
@@ -163,7 +163,7 @@ NanoDeepSeekConfig.use_moe = property(lambda self: self.ffn == "moe",  # type: i
                                       doc="True when the FFN is the mixture of experts.")
 
 
-def _round_up(x: int, multiple: int) -> int:
+def round_up(x: int, multiple: int) -> int:
     return max(multiple, (x + multiple - 1) // multiple * multiple)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from nanods import checkpoint
-from nanods.config import NanoDeepSeekConfig, Project, _round_up
+from nanods.config import NanoDeepSeekConfig, Project, round_up
 from nanods.data import Batches, Corpus, load_corpus, load_tokenizer, tokenize
 from nanods.device import resolve_device, resolve_dtype
 from nanods.errors import NanodsError
@@ -76,7 +76,7 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[str]:
 def _sized_config(config: NanoDeepSeekConfig, tokenizer: Tokenizer) -> NanoDeepSeekConfig:
     """The model's vocabulary is the tokenizer's real size, rounded up to a multiple of 64."""
     values = config.to_dict()
-    values.update(vocab_size=_round_up(len(tokenizer), 64), tokenizer_vocab_size=len(tokenizer))
+    values.update(vocab_size=round_up(len(tokenizer), 64), tokenizer_vocab_size=len(tokenizer))
     return NanoDeepSeekConfig(**values)
 
 
