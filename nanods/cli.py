@@ -133,10 +133,10 @@ def sample(
     ckpt: Annotated[Path, typer.Argument(help="A checkpoint written by nanods train.")],
     prompt: Annotated[Optional[str], typer.Option(help="Text to continue [default: stdin if piped, else a new document].")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Read the prompt from a file.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens.")] = 50,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens to generate [default: 256].")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy [default: 0.8].")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens; 0 = off [default: 50].")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold [default: off].")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Same seed, same text.")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples, batched in one forward.")] = 1,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole prefix each step (for comparison).")] = False,
@@ -144,20 +144,30 @@ def sample(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No timing line on stderr.")] = False,
 ) -> None:
-    """Generate text from a checkpoint, streaming it to stdout (decode runs on the KV cache)."""
+    """Generate text from a checkpoint, streaming it to stdout (decode runs on the KV cache).
+
+    Defaults come from the [sample] table of ./nanods.toml when there is one.
+    """
     import time
 
     import torch
 
     from nanods.checkpoint import load
+    from nanods.config import sample_defaults
     from nanods.device import resolve_device
     from nanods.generate import stream
     from nanods.tokenizer import StreamDecoder
 
+    defaults = sample_defaults()
+    max_new_tokens = defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
+    temperature = defaults.temperature if temperature is None else temperature
+    top_k = defaults.top_k if top_k is None else top_k
+    top_p = defaults.top_p if top_p is None else top_p
     if prompt is not None and prompt_file is not None:
         raise NanodsError("give --prompt or --prompt-file, not both")
-    if max_new_tokens < 1 or num_samples < 1 or temperature < 0:
-        raise NanodsError("--max-new-tokens and --num-samples must be positive, --temperature >= 0")
+    if max_new_tokens < 1 or num_samples < 1 or temperature < 0 or (top_k or 0) < 0 or not 0 < (top_p or 1) <= 1:
+        raise NanodsError("--max-new-tokens and --num-samples must be positive, --temperature and --top-k >= 0, "
+                          "--top-p in (0, 1]")
     model, tokenizer = load(ckpt, resolve_device(device))
     if speculative and model.config.mtp_depth < 1:
         raise NanodsError("--speculative needs a model trained with mtp_depth >= 1; this one has mtp_depth = 0")

@@ -24,6 +24,11 @@ else:  # pragma: no cover - exercised on 3.10 only
 MLA_ATTENTIONS = ("mla", "dsa")  # attentions built on MLA's latent cache
 
 
+def short_name(component: str) -> str:
+    """'dist:name' -> 'name' (the dist prefix only picks between packages offering one name)."""
+    return component.rpartition(":")[2]
+
+
 @dataclass
 class NanoDeepSeekConfig:
     """Every architectural choice of a NanoDeepSeek model. `None` fields derive from others."""
@@ -101,7 +106,7 @@ class NanoDeepSeekConfig:
         if self.route_norm is None:
             self.route_norm = self.top_k > 1
         if self.aux_loss_alpha is None:
-            self.aux_loss_alpha = 0.01 if self.router == "softmax" else 0.0
+            self.aux_loss_alpha = 0.01 if short_name(self.router) == "softmax" else 0.0
         self.validate()
 
     @property
@@ -122,7 +127,8 @@ class NanoDeepSeekConfig:
                 raise NanodsError(f"{name} must be >= 0, got {getattr(self, name)}")
         checks = [
             (self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
-            (self.n_head % self.n_kv_head == 0, f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"),
+            (self.use_mla or self.n_head % self.n_kv_head == 0,  # n_kv_head means nothing for MLA
+             f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"),
             (self.head_dim % 2 == 0, f"head_dim n_embd/n_head = {self.head_dim} must be even for RoPE"),
             (self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even"),
             (self.top_k <= self.num_experts, f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"),
@@ -157,9 +163,9 @@ class NanoDeepSeekConfig:
 
 # use_mla / use_moe are constructor switches (InitVars) and, once built, read-only views of the
 # stored truth. The properties are attached after @dataclass has captured the InitVar defaults.
-NanoDeepSeekConfig.use_mla = property(lambda self: self.attention in MLA_ATTENTIONS,  # type: ignore[attr-defined]
+NanoDeepSeekConfig.use_mla = property(lambda self: short_name(self.attention) in MLA_ATTENTIONS,  # type: ignore[attr-defined]
                                       doc="True when the attention is MLA-based.")
-NanoDeepSeekConfig.use_moe = property(lambda self: self.ffn == "moe",  # type: ignore[attr-defined]
+NanoDeepSeekConfig.use_moe = property(lambda self: short_name(self.ffn) == "moe",  # type: ignore[attr-defined]
                                       doc="True when the FFN is the mixture of experts.")
 
 
@@ -431,6 +437,12 @@ def resolve_project(
     train = TrainSettings(**train_values)
     sample = SampleSettings(**check_fields(merged["sample"], f"[sample] of {where}", SampleSettings))
     return Project(model=model, train=train, sample=sample)
+
+
+def sample_defaults(path: str | Path = "nanods.toml") -> SampleSettings:
+    """[sample] of a project file when it exists (only that table is read), else the defaults."""
+    table = read_toml(path).get("sample", {}) if Path(path).is_file() else {}
+    return SampleSettings(**check_fields(table, f"[sample] of {path}", SampleSettings))
 
 
 def load_project(path: str | Path | None = None, **kwargs: Any) -> Project:

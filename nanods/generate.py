@@ -15,7 +15,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
+    if top_k and top_k < logits.size(-1):  # None or 0: no top-k cut
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)

@@ -12,6 +12,7 @@ import torch
 from nanods.checkpoint import config_from_metadata
 from nanods.config import NanoDeepSeekConfig
 from nanods.errors import NanodsError
+from nanods.layers.attention.mha import MultiHeadAttention
 from nanods.flops import build_on_meta, count_parameters, flops_per_token
 from nanods.safetensors_header import read_header
 
@@ -33,7 +34,7 @@ def report(config: NanoDeepSeekConfig, seq_len: int | None = None, batch: int = 
         "seq_len": seq_len,
         "batch": batch,
         "kv_cache_bytes_per_token": per_token,
-        "kv_cache_bytes_per_token_mha": 2 * config.n_layer * config.n_kv_head * config.head_dim * nbytes,
+        "kv_cache_bytes_per_token_mha": config.n_layer * MultiHeadAttention.kv_cache_bytes_per_token(config, dtype),
         "kv_cache_bytes": per_token * seq_len * batch,
         "flops_per_token": flops_per_token(model, seq_len, decode=False),
         "flops_per_token_decode": flops_per_token(model, seq_len, decode=True),

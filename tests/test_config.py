@@ -106,7 +106,7 @@ def test_unknown_scale_suggests_closest():
 
 @pytest.mark.parametrize("kwargs, pattern", [
     (dict(n_embd=100, n_head=6, n_kv_head=6), r"n_embd \(100\) must be divisible by n_head \(6\)"),
-    (dict(n_head=6, n_kv_head=4), r"n_head \(6\) must be divisible by n_kv_head \(4\)"),
+    (dict(n_head=6, n_kv_head=4, attention="mha"), r"n_head \(6\) must be divisible by n_kv_head \(4\)"),
     (dict(num_experts=4, top_k=5), r"top_k \(5\) must be <= num_experts \(4\)"),
     (dict(kv_lora_rank=0), r"kv_lora_rank must be positive"),
     (dict(kv_lora_rank=-8), r"kv_lora_rank must be positive"),

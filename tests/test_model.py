@@ -121,3 +121,15 @@ def test_swiglu_and_norm_weights_train():
     model(idx[:, :-1], idx[:, 1:]).backward()
     assert model.norm.weight.grad is not None
     assert tiny_config(activation="swiglu").ffn_hidden % 64 == 0
+
+
+def test_dist_prefixed_component_names_keep_their_meaning():
+    config = tiny_config(attention="nanods:mla", ffn="nanods:moe", router="nanods:softmax")
+    assert config.use_mla and config.use_moe and config.aux_loss_alpha == 0.01
+    assert tiny_config(n_kv_head=3).use_mla  # n_kv_head means nothing for MLA
+
+
+def test_top_k_zero_means_no_cut():
+    model = build()
+    out = model.generate(torch.zeros(1, 2, dtype=torch.long), 4, top_k=0, seed=0)
+    assert out.shape == (1, 6)

@@ -171,3 +171,10 @@ def test_broken_router_output_is_named():
     moe.router.forward = lambda x: (torch.ones(x.shape[0], x.shape[1], 3), torch.zeros(x.shape[0], x.shape[1], 3))
     with pytest.raises(NanodsError, match="router 'sigmoid' from package 'nanods' broke the contract"):
         moe(torch.randn(1, 2, 64))
+
+
+def test_out_of_range_router_indices_are_named():
+    moe = make_moe()
+    moe.router.forward = lambda x: (torch.ones(*x.shape[:2], 2), torch.full((*x.shape[:2], 2), 7).long())
+    with pytest.raises(NanodsError, match="router 'sigmoid' from package 'nanods' broke the contract: indices"):
+        moe(torch.randn(1, 2, 64))

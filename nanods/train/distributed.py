@@ -48,14 +48,6 @@ class World:
         """True on every rank when `flag` is true on any rank (a stop request on one rank stops all)."""
         return bool(self.max(float(flag), device)) if self.distributed else flag
 
-    def close(self, together: bool = True) -> None:
-        """Leave the process group, after a barrier when every rank got here (exiting with live
-        gloo threads aborts a rank); a rank that failed alone must not wait for the others."""
-        if self.distributed and dist.is_initialized():
-            if together:
-                dist.barrier()
-            dist.destroy_process_group()
-
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
         """Rank 0 runs the block first (building caches); the others wait, then reuse its work."""
@@ -64,6 +56,15 @@ class World:
         yield
         if self.distributed and self.is_main:
             dist.barrier()
+
+
+def shutdown(together: bool = True) -> None:
+    """Leave the process group, after a barrier when every rank got here (exiting with live gloo
+    threads aborts a rank); a rank that failed alone must not wait for the others."""
+    if dist.is_initialized():
+        if together:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def init_world(device: torch.device) -> tuple[World, torch.device]:

@@ -28,7 +28,7 @@ from nanods.layers.ffn.moe import update_expert_bias
 from nanods.model import NanoDeepSeek
 from nanods.peak import matmul_peak
 from nanods.tokenizer import Tokenizer
-from nanods.train.distributed import full_state_dict, init_world, wrap
+from nanods.train.distributed import full_state_dict, init_world, shutdown, wrap
 from nanods.train.optim import build_optimizers, describe_split
 from nanods.train.report import TrainReport
 from nanods.train.schedule import lr_factor
@@ -90,7 +90,8 @@ class Trainer:
         self.out_dir, self.opts = out_dir, run
         self.world, self.device = init_world(resolve_device(s.device))
         self.dtype = resolve_dtype(s.dtype, self.device)
-        self.report = TrainReport(out_dir, s.steps, s.log_every, enabled=self.world.is_main)
+        self.sample_settings = project.sample
+        self.report = TrainReport(out_dir, s.log_every, enabled=self.world.is_main)
         self.report.print(f"device {self.device}, dtype {str(self.dtype).removeprefix('torch.')}"
                           + (" (auto: no native bf16 matmul here)" if s.dtype == "auto" and self.dtype == torch.float32
                              else " (auto)" if s.dtype == "auto" else ""))
@@ -262,10 +263,17 @@ class Trainer:
     def save(self) -> Path:
         """Rank 0 writes the checkpoint pair (under FSDP every rank helps gather the full weights)."""
         s = self.settings
+        path = self.out_dir / checkpoint.WEIGHTS
+        self.last_good_step = self.step
+        fsdp = self.world.distributed and s.parallel == "fsdp"
+        if not (self.world.is_main or fsdp):
+            return path
         weights = full_state_dict(self.model, self.world, s.parallel)
+        if not self.world.is_main:
+            return path
         state, opt_meta = {}, []
         # FSDP shards optimizer state; its runs are saved without it (resume them with --init-from)
-        for i, optimizer in enumerate(self.optimizers if s.parallel != "fsdp" or not self.world.distributed else []):
+        for i, optimizer in enumerate([] if fsdp else self.optimizers):
             tensors, meta_i = _flatten_optimizer(optimizer.state_dict(), i)
             state.update(tensors)
             opt_meta.append(meta_i)
@@ -274,11 +282,8 @@ class Trainer:
                 "data_position": self.step}
         data = {"corpus": self.corpus.name, "fingerprint": self.corpus.fingerprint, "split": self.corpus.split_rule,
                 "tokens_seen": self.tokens_seen}
-        path = self.out_dir / checkpoint.WEIGHTS
-        if self.world.is_main:
-            checkpoint.save(self.out_dir, weights, self.model.config, self.tokenizer, self.step, data, state, meta,
-                            self.expert_load())
-        self.last_good_step = self.step
+        checkpoint.save(self.out_dir, weights, self.model.config, self.tokenizer, self.step, data, state, meta,
+                        self.expert_load())
         return path
 
     def plan_budget(self, step_seconds: float) -> None:
@@ -294,6 +299,13 @@ class Trainer:
                               f"({step_seconds:.2f} s/step)")
 
     def run(self) -> int:
+        """Train to the planned total (or a stop request); the progress bar ends however this does."""
+        try:
+            return self._loop()
+        finally:
+            self.report.close()
+
+    def _loop(self) -> int:
         s = self.settings
         self.model.train()
         # a time budget is planned after 3 steps and re-planned at each eval until the decay starts
@@ -308,8 +320,8 @@ class Trainer:
                 self.elapsed += dt
                 step_times.append(dt)
                 tps = s.batch_size * s.seq_len / dt
-                row.update(step=self.step, tok_per_s=tps, mfu=self.flops_per_step / dt / self.peak,
-                           tokens=self.tokens_seen, time=round(self.elapsed, 3))
+                mfu = self.flops_per_step / dt / (self.peak * self.world.world_size)  # global batch on N devices
+                row.update(step=self.step, tok_per_s=tps, mfu=mfu, tokens=self.tokens_seen, time=round(self.elapsed, 3))
                 self.report.step(row, self.total)
                 if budgeted and len(step_times) == 3:
                     self.plan_budget(sum(step_times[1:]) / 2)  # the first step pays one-off warm-up costs
@@ -323,7 +335,7 @@ class Trainer:
                     self.save()
                     self.expert_counts = None  # each eval reports the load of its own interval
                 if self.world.any(stop.set, self.device):
-                    path = self.save()
+                    path = self.save() if self.last_good_step != self.step else self.out_dir / checkpoint.WEIGHTS
                     self.report.close()
                     self.report.print(f"stopped at step {self.step} of {self.total}; saved {path}.\n"
                                       f"resume with: nanods train --resume --out {self.out_dir} (and the same options)")
@@ -342,7 +354,9 @@ class Trainer:
         model = self.model if not self.world.distributed else checkpoint.load(self.out_dir / checkpoint.WEIGHTS)[0]
         n = min(self.settings.sample_tokens, model.config.sequence_len - 1)
         idx = torch.tensor([[self.tokenizer.eot_id]], device=model.lm_head.weight.device)
-        out = model.generate(idx, n, temperature=0.8, top_k=50, seed=self.settings.seed, eos_id=self.tokenizer.eot_id)
+        p = self.sample_settings
+        out = model.generate(idx, n, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=self.settings.seed,
+                             eos_id=self.tokenizer.eot_id)
         return self.tokenizer.decode([t for t in out[0, 1:].tolist() if t != self.tokenizer.eot_id])
 
 
@@ -372,13 +386,13 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
 
 def train(project: Project, run: RunOptions) -> int:
     """Run `nanods train`; returns the exit code."""
-    trainer = Trainer(project, Path(project.train.out), run)
     try:
+        trainer = Trainer(project, Path(project.train.out), run)
         code = trainer.run()
     except BaseException:
-        trainer.world.close(together=False)
+        shutdown(together=False)
         raise
-    trainer.world.close()
+    shutdown()
     text = trainer.sample()
     if text:
         trainer.report.print("[bold]sample:[/]")

@@ -22,19 +22,11 @@ from nanods.atomic import atomic_write
 class TrainReport:
     """Progress on stderr (a bar on a terminal, periodic lines otherwise), metrics on disk."""
 
-    def __init__(self, out_dir: Path, total: int, log_every: int, enabled: bool = True) -> None:
+    def __init__(self, out_dir: Path, log_every: int, enabled: bool = True) -> None:
         self.console = Console(stderr=True)
         self.out_dir, self.log_every, self.enabled = out_dir, log_every, enabled
         self.metrics_path = out_dir / "metrics.jsonl"
-        self.bar = None
-        if enabled and self.console.is_terminal:
-            self.bar = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s  "
-                           "MFU {task.fields[mfu]}"),
-                TimeRemainingColumn(), console=self.console, transient=False)
-            self.task = self.bar.add_task("train", total=total, loss="-", lr="-", tps="-", mfu="-")
-            self.bar.start()
+        self.bar: Progress | None = None  # started by begin(), once the run is sure to start
 
     def set_total(self, total: int) -> None:
         if self.bar is not None:
@@ -72,11 +64,19 @@ class TrainReport:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
 
     def begin(self, step: int, total: int) -> None:
-        """Start logging at `step`: a fresh run empties the log, a resumed one drops rows past its checkpoint."""
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, total=total)
+        """Start the bar and the log at `step`: a fresh run empties the log, a resumed one drops the rows
+        past its checkpoint (they are redone now)."""
+        if self.enabled and self.console.is_terminal:
+            self.bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s  "
+                           "MFU {task.fields[mfu]}"),
+                TimeRemainingColumn(), console=self.console, transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=step, loss="-", lr="-", tps="-", mfu="-")
+            self.bar.start()
         if not self.enabled or not self.metrics_path.exists():
             return
         rows = [r for r in self.metrics_path.read_text(encoding="utf-8").splitlines() if r and json.loads(r)["step"] <= step]

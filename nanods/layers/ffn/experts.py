@@ -11,6 +11,11 @@ from nanods.layers.ffn.dense import activate
 KERNELS = ("auto", "grouped_mm", "loop")
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: autocast's when it is on for x's device, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def pick_kernel(kernel: str, x: torch.Tensor) -> str:
     """`auto`: F.grouped_mm on CUDA GPUs with bf16 tensor cores (SM80+) in bf16; a per-expert loop elsewhere.
 
@@ -18,8 +23,7 @@ def pick_kernel(kernel: str, x: torch.Tensor) -> str:
     """
     if kernel != "auto":
         return kernel
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    if x.is_cuda and dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0):
+    if x.is_cuda and compute_dtype(x) == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0):
         return "grouped_mm"
     return "loop"
 
@@ -52,7 +56,7 @@ class RoutedExperts(nn.Module):
 
     def _matmul(self, xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, splits: list[int] | None) -> torch.Tensor:
         if splits is None:
-            dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+            dtype = compute_dtype(xs)
             offsets = counts.cumsum(0).to(torch.int32)
             return F.grouped_mm(xs.to(dtype), w.to(dtype), offs=offsets)
         return torch.cat([chunk @ w[e] for e, chunk in enumerate(xs.split(splits))])

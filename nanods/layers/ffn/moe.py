@@ -14,6 +14,7 @@ from nanods.errors import NanodsError
 from nanods.layers.ffn.dense import MLP
 from nanods.layers.ffn.experts import KERNELS, RoutedExperts
 from nanods.layers.fp32 import KeepsFloat32
+from nanods.layers.routers.common import router_dtype
 
 
 class MoE(KeepsFloat32):
@@ -43,6 +44,8 @@ class MoE(KeepsFloat32):
         B, T, C = x.shape
         weights, indices, aux = self._route(x)
         counts = torch.bincount(indices.flatten(), minlength=self.config.num_experts)
+        if counts.numel() != self.config.num_experts:  # an index >= num_experts (negative ones raise in bincount)
+            self._broken(f"indices must be in [0, {self.config.num_experts}), got up to {counts.numel() - 1}")
         # count only real training forwards: not eval, not no-grad generation, not a checkpoint recompute
         if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
             self.tokens_per_expert += counts
@@ -55,7 +58,7 @@ class MoE(KeepsFloat32):
         """Call the router and check its output against the contract (shape and dtype checks are free)."""
         out = self.router(x)
         expected = (*x.shape[:2], self.config.top_k)
-        dtype = torch.promote_types(x.dtype, torch.float32)  # float32; float64 only for a float64 model
+        dtype = router_dtype(x)
         problem = None
         if not isinstance(out, tuple) or len(out) not in (2, 3):
             problem = "must return (weights, indices) or (weights, indices, aux_loss)"
@@ -64,9 +67,12 @@ class MoE(KeepsFloat32):
         elif out[1].shape != expected or out[1].dtype != torch.int64:
             problem = f"indices must be int64 {tuple(expected)}, got {out[1].dtype} {tuple(out[1].shape)}"
         if problem:
-            c = registry.find("router", self.config.router)
-            raise NanodsError(f"router '{c.name}' from package '{c.dist}' broke the contract: {problem}")
+            self._broken(problem)
         return out[0], out[1], out[2] if len(out) == 3 else None
+
+    def _broken(self, problem: str) -> None:
+        c = registry.find("router", self.config.router)
+        raise NanodsError(f"router '{c.name}' from package '{c.dist}' broke the contract: {problem}")
 
 
 def update_expert_bias(model: nn.Module, all_reduce: Callable[[torch.Tensor], object] | None = None) -> torch.Tensor | None:
