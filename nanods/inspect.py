@@ -12,8 +12,8 @@ import torch
 from nanods.checkpoint import config_from_metadata
 from nanods.config import NanoDeepSeekConfig
 from nanods.errors import NanodsError
-from nanods.layers.attention.mha import MultiHeadAttention
 from nanods.flops import build_on_meta, count_parameters, flops_per_token
+from nanods.layers.attention.mha import MultiHeadAttention
 from nanods.safetensors_header import read_header
 
 
