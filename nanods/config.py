@@ -269,7 +269,7 @@ class TrainSettings:
     steps: int = 200  # total optimizer steps of the run
     time_budget: str | None = None  # e.g. "8m": plan the step count to fit (measured after a few steps)
     batch_size: int = 8  # sequences per optimizer step
-    micro_batch_size: int | None = None  # sequences per forward (gradient accumulation); -> batch_size
+    micro_batch_size: int | None = None  # sequences per forward and process (accumulation); -> batch_size / processes
     seq_len: int = 256
     optimizer: str = "adamw"  # "adamw", or "muon" (Muon on hidden matrices, AdamW on the rest)
     lr: float = 3e-3

@@ -36,12 +36,17 @@ def single(tmp_path_factory):
     return root, env, out
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one(single, parallel):
+@pytest.mark.parametrize("parallel,micro", [("ddp", True), ("fsdp", True), ("ddp", False)])
+def test_two_processes_match_one(single, parallel, micro):
+    """micro=False leaves micro_batch_size unset: each of 2 processes then takes batch_size / 2."""
     root, env, out_single = single
-    out = root / parallel
+    out = root / f"{parallel}-{micro}"
+    args = ARGS
+    if not micro:  # drop "--set train.micro_batch_size=2"
+        i = ARGS.index("train.micro_batch_size=2")
+        args = ARGS[:i - 1] + ARGS[i + 1:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "nanods", *ARGS, "--out", str(out), "--set", f"train.parallel={json.dumps(parallel)}"]
+           "-m", "nanods", *args, "--out", str(out), "--set", f"train.parallel={json.dumps(parallel)}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"data parallel: 2 processes ({parallel})" in proc.stderr

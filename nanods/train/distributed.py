@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -91,7 +92,9 @@ def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [world.local_rank] if next(model.parameters()).is_cuda else None
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        with warnings.catch_warnings():  # torch 2.13 deprecates it, but its replacement still syncs buffers at init
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     from torch.distributed.fsdp import fully_shard
 
     for block in model.blocks:

@@ -116,7 +116,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.train_tokens, self.val_tokens = tokens.train, tokens.val
         self.bytes_per_token = _bytes_per_token(self.corpus, len(tokens.val))
-        micro = s.micro_batch_size or s.batch_size
+        micro = s.micro_batch_size or max(1, s.batch_size // self.world.world_size)  # default: no accumulation
         self.batches = Batches(self.train_tokens, s.batch_size, micro, s.seq_len, s.seed,
                                self.world.rank, self.world.world_size)
         self.val_batches = Batches(self.val_tokens, micro * s.eval_batches, micro, s.seq_len, s.seed + 1)
@@ -138,6 +138,7 @@ class Trainer:
         self.flops_per_step = 3 * flops_per_token(self.model, s.seq_len) * s.batch_size * s.seq_len
         self.peak = matmul_peak(self.device, self.dtype)
         self.expert_counts: torch.Tensor | None = None
+        self.stopped = False  # by SIGINT/SIGTERM: no sample at the end, the user wants out
         self.last_good_step: int | None = resumed["step"] if resumed else None
         out_dir.mkdir(parents=True, exist_ok=True)  # only once everything checked out: a failed start leaves no trace
         self.report.begin(self.step, self.total)
@@ -337,6 +338,7 @@ class Trainer:
                 if self.world.any(stop.set, self.device):
                     path = self.save() if self.last_good_step != self.step else self.out_dir / checkpoint.WEIGHTS
                     self.report.close()
+                    self.stopped = True
                     self.report.print(f"stopped at step {self.step} of {self.total}; saved {path}.\n"
                                       f"resume with: nanods train --resume --out {self.out_dir} (and the same options)")
                     return 0
@@ -349,7 +351,7 @@ class Trainer:
 
     def sample(self) -> str:
         """A short sample from the saved model (rank 0), starting a fresh document."""
-        if self.settings.sample_tokens <= 0 or not self.world.is_main:
+        if self.settings.sample_tokens <= 0 or not self.world.is_main or self.stopped:
             return ""
         model = self.model if not self.world.distributed else checkpoint.load(self.out_dir / checkpoint.WEIGHTS)[0]
         n = min(self.settings.sample_tokens, model.config.sequence_len - 1)
