@@ -91,8 +91,8 @@ def init(
 # ---------------------------------------------------------------------------------------------
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Project file [default: ./nanods.toml if present].")] = None,
-    scale: Annotated[Optional[str], typer.Option(help="Preset: tiny, small, base, large (overrides [model] scale).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Project file \\[default: ./nanods.toml if present].")] = None,
+    scale: Annotated[Optional[str], typer.Option(help="Preset: tiny, small, base, large (overrides \\[model] scale).")] = None,
     attention: Annotated[Optional[str], typer.Option(help="Attention component, e.g. mla or mha.")] = None,
     ffn: Annotated[Optional[str], typer.Option(help="FFN component, e.g. moe or dense.")] = None,
     router: Annotated[Optional[str], typer.Option(help="Router component, e.g. sigmoid or softmax.")] = None,
@@ -111,7 +111,7 @@ def train(
 
     Examples:
       nanods train --scale tiny --steps 40 --out runs/tiny
-      nanods train --scale small                    # the default project, about 8 minutes on a laptop CPU
+      nanods train --scale small    # the default project: an 8-minute budget
       nanods train --resume --out runs/tiny --steps 80
     Ctrl-C stops at the next step, saves, and prints how to resume.
     """
@@ -131,12 +131,12 @@ def train(
 @app.command()
 def sample(
     ckpt: Annotated[Path, typer.Argument(help="A checkpoint written by nanods train.")],
-    prompt: Annotated[Optional[str], typer.Option(help="Text to continue [default: stdin if piped, else a new document].")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Text to continue \\[default: stdin if piped, else a new document].")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Read the prompt from a file.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens to generate [default: 256].")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy [default: 0.8].")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens; 0 = off [default: 50].")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold [default: off].")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens to generate \\[default: 256].")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy \\[default: 0.8].")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens; 0 = off \\[default: 50].")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold \\[default: off].")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Same seed, same text.")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples, batched in one forward.")] = 1,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole prefix each step (for comparison).")] = False,
@@ -146,7 +146,7 @@ def sample(
 ) -> None:
     """Generate text from a checkpoint, streaming it to stdout (decode runs on the KV cache).
 
-    Defaults come from the [sample] table of ./nanods.toml when there is one.
+    Defaults come from the \\[sample] table of ./nanods.toml when there is one.
     """
     import time
 
@@ -291,7 +291,7 @@ def _fmt_bytes(n: float) -> str:
 def inspect(
     target: Annotated[Optional[str], typer.Argument(help="A checkpoint (.safetensors) or a project file (.toml).")] = None,
     scale: Annotated[Optional[str], typer.Option(help="Inspect a preset instead: tiny, small, base, large.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Context length for cache and FLOPs [default: sequence_len].")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Context length for cache and FLOPs \\[default: sequence_len].")] = None,
     batch: Annotated[int, typer.Option(help="Batch size for the total cache size.")] = 1,
     dtype: Annotated[str, typer.Option(help="Cache dtype: bfloat16/bf16 or float32/fp32.")] = "bfloat16",
     sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. --set model.attention=mha.")] = None,
