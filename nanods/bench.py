@@ -20,19 +20,19 @@ from nanods.layers.ffn.dense import MLP
 from nanods.layers.ffn.experts import RoutedExperts
 from nanods.layers.ffn.moe import MoE
 from nanods.model import NanoDeepSeek
-from nanods.peak import _sync, matmul_peak
+from nanods.peak import matmul_peak, sync
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median, min and max seconds of fn() over repeats (after warm-up calls)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
@@ -92,7 +92,7 @@ def bench_decode(model: NanoDeepSeek, batch: int, prompt: int, new: int, device:
         start = time.perf_counter()
         for i in range(new):
             token = model(token, cache=cache, start_pos=prompt + i)[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
+        sync(device)
         decode.seconds = time.perf_counter() - start  # exclude the prefill
 
     seconds = []

@@ -8,7 +8,8 @@ from functools import lru_cache
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device to finish queued work (so wall-clock timings are honest)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -23,11 +24,11 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024, seco
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b.T  # warm up; x @ W^T is the layout every nn.Linear multiplies in
-    _sync(device)
+    sync(device)
     best, start = 0.0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         a @ b.T
-        _sync(device)
+        sync(device)
         best = max(best, 2 * size**3 / (time.perf_counter() - t0))
     return best

@@ -130,7 +130,8 @@ def _check_decode(model: NanoDeepSeek, idx: torch.Tensor, who: str) -> None:
                                msg=lambda m: f"{who}: decoding with the cache differs from the full forward: {m}")
 
 
-def _cache_tensors(cache: Any) -> list[torch.Tensor]:
+def cache_tensors(cache: Any) -> list[torch.Tensor]:
+    """Every tensor a cache object holds (attributes, and inside dicts, lists and tuples)."""
     found = []
     for value in vars(cache).values():
         items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
@@ -140,7 +141,7 @@ def _cache_tensors(cache: Any) -> list[torch.Tensor]:
 
 def _check_cache_bytes(model: NanoDeepSeek, config: NanoDeepSeekConfig, who: str) -> None:
     cache = model.blocks[0].attn.init_cache(3, 20, torch.device("cpu"), torch.float32)
-    held = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
+    held = sum(t.numel() * t.element_size() for t in cache_tensors(cache))
     claimed = type(model.blocks[0].attn).kv_cache_bytes_per_token(config, torch.float32) * 3 * 20
     assert held == claimed, f"{who}: kv_cache_bytes_per_token claims {claimed} bytes for 3 x 20, the cache holds {held}"
     assert hasattr(cache, "truncate"), f"{who}: the cache needs truncate(length)"

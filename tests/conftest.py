@@ -2,13 +2,13 @@ import pytest
 import torch
 
 from nanods import NanoDeepSeek, NanoDeepSeekConfig
+from nanods.testing import TINY
 
 COMBOS = [(a, f) for a in ("mha", "mla") for f in ("dense", "moe")]
 
 
 def tiny_config(**overrides) -> NanoDeepSeekConfig:
-    base = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, vocab_size=128, sequence_len=64, num_experts=4, top_k=2)
-    return NanoDeepSeekConfig(**{**base, **overrides})
+    return NanoDeepSeekConfig(**{**TINY, **overrides})
 
 
 @pytest.fixture

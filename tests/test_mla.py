@@ -4,16 +4,7 @@ import pytest
 import torch
 from conftest import build
 
-from nanods.layers.attention.cache import LayerCache
-
-
-def _cached_tensors(cache: LayerCache) -> list[torch.Tensor]:
-    """Every tensor reachable from a layer cache object (not just the ones we expect)."""
-    found = [v for v in vars(cache).values() if isinstance(v, torch.Tensor)]
-    for v in vars(cache).values():
-        if isinstance(v, dict):
-            found += [t for t in v.values() if isinstance(t, torch.Tensor)]
-    return found
+from nanods.testing import cache_tensors
 
 
 def test_cache_holds_latent_plus_rope_key_only():
@@ -23,7 +14,7 @@ def test_cache_holds_latent_plus_rope_key_only():
     caches = model.init_cache(batch, length)
     assert len(caches) == cfg.n_layer
     for cache in caches:
-        values = sum(t.numel() for t in _cached_tensors(cache))
+        values = sum(t.numel() for t in cache_tensors(cache))  # every tensor it holds, not just the expected ones
         assert values == batch * length * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     # and decoding really writes into (only) those tensors
     model.generate(torch.randint(0, 128, (batch, 5)), 5, temperature=0)
