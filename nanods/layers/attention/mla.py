@@ -83,11 +83,11 @@ class MultiHeadLatentAttention(nn.Module):
         """q_nope·W_UK^T·c_kv == q_nope·k_nope; attention in latent space is MQA over the cache itself."""
         w_kv = self.wkv_b.weight.view(self.n_head, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
-        q_latent = torch.einsum("bthd,hdr->bhtr", q_nope, w_uk)
+        q_latent = q_nope.transpose(1, 2) @ w_uk  # (B, H, T, nope) @ (H, nope, rank)
         q = torch.cat([q_latent, q_pe.transpose(1, 2).to(q_latent.dtype)], dim=-1)  # (B, H, T, rank + rope)
         kv = latent.unsqueeze(1).to(q.dtype)  # one shared "head": keys [c_kv ; k_pe], values c_kv
         o_latent = causal_attention(q, kv, kv[..., : self.rank], self.softmax_scale, past)  # (B, H, T, rank)
-        return torch.einsum("bhtr,hvr->bthv", o_latent, w_uv.to(o_latent.dtype))
+        return (o_latent @ w_uv.transpose(1, 2).to(o_latent.dtype)).transpose(1, 2)  # (B, T, H, v_dim)
 
     def init_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> LayerCache:
         return LayerCache(1, latent=torch.zeros(batch, max_len, self.rank + self.rope, device=device, dtype=dtype))

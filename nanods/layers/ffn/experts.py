@@ -59,4 +59,4 @@ class RoutedExperts(nn.Module):
             dtype = compute_dtype(xs)
             offsets = counts.cumsum(0).to(torch.int32)
             return F.grouped_mm(xs.to(dtype), w.to(dtype), offs=offsets)
-        return torch.cat([chunk @ w[e] for e, chunk in enumerate(xs.split(splits))])
+        return torch.cat([chunk @ w[e] for e, chunk in enumerate(xs.split(splits)) if splits[e]])  # idle experts skipped
