@@ -44,6 +44,30 @@ def read_bandwidth(nbytes: int, device: torch.device, repeats: int = 5) -> float
     return buf.numel() * 4 / t["min"]
 
 
+@torch.no_grad()
+def matvec_bandwidth(model: NanoDeepSeek, device: torch.device, repeats: int = 5) -> float:
+    """Bytes/s of one row times each of the model's weight matrices, as a batch-1 decode step reads them.
+
+    Every nn.Linear weight (x @ W^T) and every routed expert's matrices (x @ w[e]), embedding
+    excluded; the practical floor of decode at batch 1, below the plain read bandwidth on CPUs.
+    """
+    matrices = [(m.weight, True) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    matrices += [(w[e], False) for m in model.modules() if isinstance(m, RoutedExperts)
+                 for w in (m.w_in, m.w_out) for e in range(w.size(0))]
+    rows = {n: torch.ones(1, n, device=device, dtype=model.lm_head.weight.dtype)
+            for n in {w.size(1) if linear else w.size(0) for w, linear in matrices}}
+
+    def read_all() -> None:
+        for w, linear in matrices:
+            if linear:
+                torch.nn.functional.linear(rows[w.size(1)], w)
+            else:
+                rows[w.size(0)] @ w
+
+    t = timed(read_all, device, repeats)
+    return sum(w.numel() * w.element_size() for w, _ in matrices) / t["min"]
+
+
 def _rate(t: dict[str, float], work: float) -> dict[str, float]:
     """Seconds -> work per second (median, and the spread as slowest-fastest)."""
     return {"median": work / t["median"], "low": work / t["max"], "high": work / t["min"]}
@@ -166,6 +190,7 @@ def run(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, re
     out["prefill"] = {"seq": prefill_seq, "tokens_per_s": bench_prefill(model, prefill_seq, dtype, device, repeats)}
     bandwidth = read_bandwidth(int(sum(p.numel() for p in model.parameters()) * dtype.itemsize), device)
     out["read_bandwidth_bytes_per_s"] = bandwidth
+    out["matvec_bandwidth_bytes_per_s"] = matvec_bandwidth(model, device)
     decode = []
     paths = ["absorbed", "naive"] if config.use_mla else ["cache"]
     short = min(64, long_context - new_tokens)

@@ -256,6 +256,8 @@ def _print_bench(r: dict[str, Any]) -> None:
     table.add_row("matmul peak fp32 / bf16", f"{peaks['float32'] / 1e9:,.0f} / {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s",
                   "x @ W^T, 1024^2")
     table.add_row("read bandwidth", f"{r['read_bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s", "sum over a weight-sized buffer")
+    table.add_row("batch-1 matmul read rate", f"{r['matvec_bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s",
+                  "one row x every weight matrix: the practical decode floor")
     t = r["train"]
     table.add_row(f"train step {t['batch']}x{t['seq']} tok/s", _spread(t["tokens_per_s"]),
                   f"MFU {100 * t['mfu']:.0f}% (optimizer included)")

@@ -15,6 +15,7 @@ def test_bench_reports_every_measurement():
     result = run(tiny_config(sequence_len=64), torch.device("cpu"), torch.float32, repeats=1,
                  train_batch=2, train_seq=32, prefill_seq=32, new_tokens=4, long_context=64)
     assert result["peak_flops"]["float32"] > 0 and result["read_bandwidth_bytes_per_s"] > 0
+    assert result["matvec_bandwidth_bytes_per_s"] > 0
     assert 0 < result["train"]["mfu"] and result["train"]["tokens_per_s"]["median"] > 0
     paths = {(d["batch"], d["path"]) for d in result["decode"]}
     assert paths == {(1, "absorbed"), (1, "naive"), (8, "absorbed"), (8, "naive")}
