@@ -19,6 +19,7 @@ from nanods.flops import count_parameters, flops_per_token
 from nanods.layers.ffn.dense import MLP
 from nanods.layers.ffn.experts import RoutedExperts
 from nanods.layers.ffn.moe import MoE
+from nanods.layers.linear import linear
 from nanods.model import NanoDeepSeek
 from nanods.peak import matmul_peak, sync
 
@@ -48,24 +49,20 @@ def read_bandwidth(nbytes: int, device: torch.device, repeats: int = 5) -> float
 def matvec_bandwidth(model: NanoDeepSeek, device: torch.device, repeats: int = 5) -> float:
     """Bytes/s of one row times each of the model's weight matrices, as a batch-1 decode step reads them.
 
-    Every nn.Linear weight (x @ W^T) and every routed expert's matrices (x @ w[e]), embedding
-    excluded; the practical floor of decode at batch 1, below the plain read bandwidth on CPUs.
+    Every nn.Linear weight and every routed expert's matrices, embedding excluded, through the
+    model's own `linear`: the practical floor of decode at batch 1.
     """
-    matrices = [(m.weight, True) for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    matrices += [(w[e], False) for m in model.modules() if isinstance(m, RoutedExperts)
-                 for w in (m.w_in, m.w_out) for e in range(w.size(0))]
-    rows = {n: torch.ones(1, n, device=device, dtype=model.lm_head.weight.dtype)
-            for n in {w.size(1) if linear else w.size(0) for w, linear in matrices}}
+    matrices = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    matrices += [w[e] for m in model.modules() if isinstance(m, RoutedExperts) for w in (m.w_in, m.w_out)
+                 for e in range(w.size(0))]
+    rows = {n: torch.ones(1, n, device=device, dtype=model.lm_head.weight.dtype) for n in {w.size(1) for w in matrices}}
 
     def read_all() -> None:
-        for w, linear in matrices:
-            if linear:
-                torch.nn.functional.linear(rows[w.size(1)], w)
-            else:
-                rows[w.size(0)] @ w
+        for w in matrices:
+            linear(rows[w.size(1)], w)
 
     t = timed(read_all, device, repeats)
-    return sum(w.numel() * w.element_size() for w, _ in matrices) / t["min"]
+    return sum(w.numel() * w.element_size() for w in matrices) / t["min"]
 
 
 def _rate(t: dict[str, float], work: float) -> dict[str, float]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from nanods import registry
 from nanods.config import NanoDeepSeekConfig
+from nanods.layers.linear import Linear
 from nanods.layers.norm import RMSNorm
 
 
@@ -48,7 +49,7 @@ class NanoDeepSeek(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_weights)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size)
         self.apply(self._init_weights)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight

@@ -24,7 +24,7 @@ def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
             y = moe.shared(x[b, t]) if moe.shared is not None else torch.zeros_like(x[b, t])
             for k in range(indices.size(-1)):
                 e = int(indices[b, t, k])
-                y = y + weights[b, t, k].to(x.dtype) * (activate(x[b, t] @ w_in[e], act) @ w_out[e])
+                y = y + weights[b, t, k].to(x.dtype) * (activate(x[b, t] @ w_in[e].T, act) @ w_out[e].T)
             rows.append(y)
     return torch.stack(rows).view_as(x)
 

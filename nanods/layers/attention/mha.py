@@ -8,6 +8,7 @@ from torch import nn
 from nanods.config import NanoDeepSeekConfig
 from nanods.layers.attention.cache import LayerCache
 from nanods.layers.attention.sdpa import causal_attention
+from nanods.layers.linear import Linear
 from nanods.layers.norm import RMSNorm
 from nanods.layers.rope import apply_rope
 
@@ -19,9 +20,9 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.config = config
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.wq = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.wkv = nn.Linear(config.n_embd, 2 * self.n_kv_head * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        self.wq = Linear(config.n_embd, self.n_head * self.head_dim)
+        self.wkv = Linear(config.n_embd, 2 * self.n_kv_head * self.head_dim)
+        self.wo = Linear(self.n_head * self.head_dim, config.n_embd)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_weights) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_weights) if config.qk_norm else None
 

@@ -19,6 +19,7 @@ from nanods.config import NanoDeepSeekConfig
 from nanods.errors import NanodsError
 from nanods.layers.attention.cache import LayerCache
 from nanods.layers.attention.sdpa import causal_attention
+from nanods.layers.linear import Linear
 from nanods.layers.norm import RMSNorm
 from nanods.layers.rope import apply_rope
 
@@ -40,15 +41,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         qk_dim = self.nope + self.rope
         if config.q_lora_rank:  # query compression: x -> c_q -> norm -> per-head queries
-            self.wq_a = nn.Linear(C, config.q_lora_rank, bias=False)
+            self.wq_a = Linear(C, config.q_lora_rank)
             self.q_norm = RMSNorm(config.q_lora_rank, config.norm_eps, config.norm_weights)
-            self.wq_b = nn.Linear(config.q_lora_rank, H * qk_dim, bias=False)
+            self.wq_b = Linear(config.q_lora_rank, H * qk_dim)
         else:
-            self.wq = nn.Linear(C, H * qk_dim, bias=False)
-        self.wkv_a = nn.Linear(C, self.rank + self.rope, bias=False)  # -> [c_kv ; k_pe]
+            self.wq = Linear(C, H * qk_dim)
+        self.wkv_a = Linear(C, self.rank + self.rope)  # -> [c_kv ; k_pe]
         self.kv_norm = RMSNorm(self.rank, config.norm_eps, config.norm_weights)  # MLA's QK-norm
-        self.wkv_b = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # [W_UK ; W_UV] per head
-        self.wo = nn.Linear(H * self.v_dim, C, bias=False)
+        self.wkv_b = Linear(self.rank, H * (self.nope + self.v_dim))  # [W_UK ; W_UV] per head
+        self.wo = Linear(H * self.v_dim, C)
         # the score scale of the decompressed head width, also on the absorbed path (not SDPA's default)
         self.softmax_scale = qk_dim ** -0.5
 

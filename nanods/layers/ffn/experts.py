@@ -1,4 +1,8 @@
-"""Routed experts as stacked 3-D weights, run on tokens sorted by expert (dropless, deterministic)."""
+"""Routed experts as stacked 3-D weights, run on tokens sorted by expert (dropless, deterministic).
+
+Each expert's matrices are laid out like nn.Linear's, (out, in): the layout CUDA's grouped matmul
+wants for its second operand, and the one `nanods.layers.linear` splits across CPU threads.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanods.layers.ffn.dense import activate
+from nanods.layers.linear import linear
 
 KERNELS = ("auto", "grouped_mm", "loop")
 
@@ -29,14 +34,14 @@ def pick_kernel(kernel: str, x: torch.Tensor) -> str:
 
 
 class RoutedExperts(nn.Module):
-    """num_experts FFNs: w_in (E, C, H or 2H for swiglu), w_out (E, H, C). Every expert is in every graph."""
+    """num_experts FFNs: w_in (E, H or 2H for swiglu, C), w_out (E, C, H). Every expert is in every graph."""
 
     def __init__(self, num_experts: int, dim: int, hidden: int, activation: str, kernel: str = "auto") -> None:
         super().__init__()
         self.num_experts, self.activation, self.kernel = num_experts, activation, kernel
         width = hidden * (2 if activation == "swiglu" else 1)
-        self.w_in = nn.Parameter(torch.empty(num_experts, dim, width))
-        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.w_in = nn.Parameter(torch.empty(num_experts, width, dim))
+        self.w_out = nn.Parameter(torch.empty(num_experts, dim, hidden))
         nn.init.normal_(self.w_in, std=0.02)
         nn.init.normal_(self.w_out, std=0.02)
 
@@ -58,5 +63,5 @@ class RoutedExperts(nn.Module):
         if splits is None:
             dtype = compute_dtype(xs)
             offsets = counts.cumsum(0).to(torch.int32)
-            return F.grouped_mm(xs.to(dtype), w.to(dtype), offs=offsets)
-        return torch.cat([chunk @ w[e] for e, chunk in enumerate(xs.split(splits)) if splits[e]])  # idle experts skipped
+            return F.grouped_mm(xs.to(dtype), w.to(dtype).transpose(-2, -1), offs=offsets)
+        return torch.cat([linear(chunk, w[e]) for e, chunk in enumerate(xs.split(splits)) if splits[e]])  # idle skipped

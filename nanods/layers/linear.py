@@ -1,0 +1,37 @@
+"""The model's linear layer: nn.Linear without bias, with a matrix-vector path that uses every CPU thread.
+
+Decoding multiplies one row per sequence by each weight matrix. CPU BLAS runs such a
+matrix-vector product on one thread, reading the weight at a fraction of memory bandwidth
+(about 9 GB/s of ~40 on the 2-core machine nanods is developed on). Cutting the weight's
+output rows into one block per thread and handing the blocks to a batched matmul streams them
+in parallel: 2-3x faster for the large matrices of `small`, same result, same parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FEW_ROWS = 8  # up to this many rows, batched matmul over weight blocks beats F.linear on CPU
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ weight (out, in)^T -> (..., out)."""
+    blocks = torch.get_num_threads()
+    rows = x.numel() // x.size(-1)
+    if x.device.type != "cpu" or rows > FEW_ROWS or blocks < 2 or weight.size(0) % blocks:
+        return F.linear(x, weight)
+    per_block = weight.view(blocks, -1, weight.size(1))  # (blocks, out / blocks, in): one block per thread
+    y = torch.bmm(per_block, x.reshape(rows, -1).t().expand(blocks, -1, -1))  # (blocks, out / blocks, rows)
+    return y.reshape(weight.size(0), rows).t().reshape(*x.shape[:-1], weight.size(0))
+
+
+class Linear(nn.Linear):
+    """y = x W^T (no bias: none of the model's projections has one)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
