@@ -1,0 +1,36 @@
+"""nanods.layers.linear: the thread-split matrix-vector path equals F.linear, values and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanods.layers.linear import FEW_ROWS, Linear, linear
+
+
+@pytest.fixture(params=[1, 2, 3])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (2, 4, 24), (24,), (FEW_ROWS + 1, 24)])
+def test_equals_f_linear(float64, threads, shape):
+    weight = torch.randn(36, 24, requires_grad=True)  # 36 rows: split by 2 and 3 threads
+    x = torch.randn(*shape, requires_grad=True)
+    out = linear(x, weight)
+    expected = F.linear(x, weight)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (x, weight), grad), torch.autograd.grad(expected, (x, weight), grad)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_odd_shapes_and_strided_input(threads):
+    weight = torch.randn(35, 24)  # 35 rows do not split evenly: plain F.linear
+    x = torch.randn(24, 3)[:, 1].view(1, 1, 24)  # a strided view
+    torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
+    layer = Linear(24, 36)
+    assert layer.bias is None and layer.weight.shape == (36, 24)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
