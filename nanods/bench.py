@@ -90,7 +90,7 @@ def bench_train(model: NanoDeepSeek, batch: int, seq: int, dtype: torch.dtype, d
     return _rate(timed(step, device, repeats), batch * seq)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as nanods.generate runs the model
 def bench_prefill(model: NanoDeepSeek, seq: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict:
     idx = torch.randint(0, model.config.vocab_size, (1, seq), device=device)
 
@@ -101,7 +101,7 @@ def bench_prefill(model: NanoDeepSeek, seq: int, dtype: torch.dtype, device: tor
     return _rate(timed(prefill, device, repeats), seq)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def bench_decode(model: NanoDeepSeek, batch: int, prompt: int, new: int, device: torch.device,
                  repeats: int) -> dict[str, float]:
     """Greedy decode tokens/s (all rows) after a prompt, on the cache, in the model's dtype."""

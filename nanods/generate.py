@@ -49,20 +49,23 @@ def stream(model: NanoDeepSeek, idx: torch.Tensor, max_new_tokens: int, temperat
     limit = cfg.tokenizer_vocab_size or cfg.vocab_size
     was_training = model.training
     model.eval()
+    fast = torch.inference_mode()  # cheaper per op than no_grad; entered only around compute, never across a yield
     try:
-        with torch.no_grad():  # not inference_mode: callers may feed the output to autograd
+        with fast:
             cache = model.init_cache(B, T + max_new_tokens) if use_cache else None
             seq = idx
             logits = model(idx, cache=cache)[:, -1]
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            for step in range(max_new_tokens):
+        for step in range(max_new_tokens):
+            with fast:
                 token = sample_next(logits[:, :limit], temperature, top_k, top_p, generator)
                 if eos_id is not None:
                     token = token.masked_fill(done, eos_id)
                     done |= token == eos_id
-                yield token
-                if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
-                    break
+            yield token.clone()  # a normal tensor again: callers may use it anywhere, autograd included
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                break
+            with fast:
                 if use_cache:
                     logits = model(token[:, None], cache=cache, start_pos=T + step)[:, -1]
                 else:

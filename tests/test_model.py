@@ -72,6 +72,17 @@ def test_generate_contract():
     assert torch.equal(logits[:, 4:].argmax(-1), greedy[:, 5:])
 
 
+def test_stream_leaves_grad_mode_alone_between_tokens():
+    from nanods.generate import stream
+
+    model = build()
+    for token in stream(model, torch.randint(0, 128, (2, 3)), 3, temperature=0):
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        loss = model(torch.cat([token[:, None], token[:, None]], dim=1), token[:, None].repeat(1, 2))
+        loss.backward()  # a yielded token is an ordinary tensor
+    assert model.training
+
+
 def test_generate_never_samples_ids_beyond_the_tokenizer():
     model = build(tokenizer_vocab_size=100)
     with torch.no_grad():
