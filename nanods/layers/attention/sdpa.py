@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -13,8 +11,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     t, s = q.size(2), k.size(2)
     gqa = k.size(1) != q.size(1)
     if past == 0:
-        return _padded(v, q.size(-1), lambda v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                                             enable_gqa=gqa))
+        # SDPA's fused kernels want one head width; values narrower than keys (MLA: 64 vs 96 in `small`)
+        # would send it down the unfused path that stores the T x T attention matrix. Pad, then cut.
+        dv = v.size(-1)
+        v = F.pad(v, (0, q.size(-1) - dv)) if dv < q.size(-1) else v
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)[..., :dv]
     if t == 1:  # one new token sees everything cached
         return _decode_attention(q, k, v, scale)
     # query i sits at position past + i and sees keys 0..past + i
@@ -35,14 +36,3 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     weights = torch.softmax(scores, dim=-1).to(v.dtype)
     return (weights @ v).reshape(B, H, 1, v.size(-1))
 
-
-def _padded(v: torch.Tensor, width: int, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """attend(v) with v zero-padded to the query/key head width, then cut back.
-
-    Fused SDPA kernels want one head width; MLA's values are narrower than its keys (64 vs 96 in
-    `small`), which sends SDPA down its unfused path that stores the full T x T attention matrix.
-    """
-    dv = v.size(-1)
-    if dv >= width:
-        return attend(v)
-    return attend(F.pad(v, (0, width - dv)))[..., :dv]
