@@ -105,7 +105,11 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[NanoDeep
     with torch.device("meta"):
         model = NanoDeepSeek(config)
     state = load_file(path)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches, e.g. a file written with another tensor layout
+        problem = str(e).strip().splitlines()[-1].strip()
+        raise NanodsError(f"'{path}' does not match its config: {problem}") from None
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
         missing = [k for k in missing if k != "lm_head.weight"]

@@ -93,3 +93,15 @@ def test_safetensors_without_nanods_metadata_is_reported(tmp_path):
     save_file({"w": torch.zeros(3, 4)}, tmp_path / "plain.safetensors")
     with pytest.raises(NanodsError, match="1 tensors .*12 values.*nanods.config is missing"):
         checkpoint_report(tmp_path / "plain.safetensors")
+
+
+def test_a_tensor_of_the_wrong_shape_is_one_clear_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = _checkpoint(tmp_path)
+    tensors, metadata = load_file(path), checkpoint.read_header(path)[1]
+    name = "blocks.0.ffn.experts.w_in"
+    tensors[name] = tensors[name].transpose(1, 2).contiguous()  # the layout before experts became (E, out, in)
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(NanodsError, match=r"does not match its config: size mismatch for blocks\.0\.ffn\.experts\.w_in"):
+        checkpoint.load(path)
