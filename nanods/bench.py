@@ -47,10 +47,11 @@ def read_bandwidth(nbytes: int, device: torch.device, repeats: int = 5) -> float
 
 @torch.no_grad()
 def matvec_bandwidth(model: NanoDeepSeek, device: torch.device, repeats: int = 5) -> float:
-    """Bytes/s of one row times each of the model's weight matrices, as a batch-1 decode step reads them.
+    """Bytes/s at which one row times each weight matrix reads it, through the model's own `linear`.
 
-    Every nn.Linear weight and every routed expert's matrices, embedding excluded, through the
-    model's own `linear`: the practical floor of decode at batch 1.
+    Every nn.Linear weight and every routed expert (embedding excluded): a read rate, not a
+    decode step (which skips unchosen experts and, absorbed, `wkv_b`), but the rate that
+    bounds decoding at batch 1 on a CPU, next to the plain read bandwidth.
     """
     matrices = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     matrices += [w[e] for m in model.modules() if isinstance(m, RoutedExperts) for w in (m.w_in, m.w_out)

@@ -27,6 +27,9 @@ from nanods.safetensors_header import read_header
 from nanods.tokenizer import Tokenizer
 
 WEIGHTS = "ckpt.safetensors"
+# 2: routed experts stored (E, out, in). Format 1 (no key) stored them (E, in, out), which a
+# square expert matrix would load transposed without a shape error.
+FORMAT = "2"
 _STATE = re.compile(r"train_state_(\d+)\.safetensors$")
 
 
@@ -40,6 +43,7 @@ def weights_metadata(config: NanoDeepSeekConfig, tokenizer: Tokenizer, step: int
         "nanods.config": config.to_json(),
         "nanods.tokenizer": tokenizer.to_json(),
         "nanods.version": nanods.__version__,
+        "nanods.format": FORMAT,
         "nanods.step": str(step),
         "nanods.components": json.dumps(registry.describe(config)),
         "nanods.data": json.dumps(data),
@@ -101,6 +105,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[NanoDeep
     path = Path(path)
     _, metadata = read_header(path)
     config = config_from_metadata(metadata, path)
+    if config.use_moe and metadata.get("nanods.format", "1") != FORMAT:
+        raise NanodsError(f"'{path}' stores routed experts in checkpoint format {metadata.get('nanods.format', '1')} "
+                          f"(E, in, out); this nanods reads format {FORMAT} (E, out, in): train it again")
     tokenizer = Tokenizer.from_json(metadata["nanods.tokenizer"])
     with torch.device("meta"):
         model = NanoDeepSeek(config)

@@ -257,14 +257,14 @@ def _print_bench(r: dict[str, Any]) -> None:
                   "x @ W^T, 1024^2")
     table.add_row("read bandwidth", f"{r['read_bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s", "sum over a weight-sized buffer")
     table.add_row("batch-1 matmul read rate", f"{r['matvec_bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s",
-                  "one row x every weight matrix: the practical decode floor")
+                  "one row x every weight matrix (what bounds batch-1 decode)")
     t = r["train"]
     table.add_row(f"train step {t['batch']}x{t['seq']} tok/s", _spread(t["tokens_per_s"]),
                   f"MFU {100 * t['mfu']:.0f}% (optimizer included)")
     table.add_row(f"prefill 1x{r['prefill']['seq']} tok/s", _spread(r["prefill"]["tokens_per_s"]), "")
     for d in r["decode"]:
         table.add_row(f"decode b{d['batch']} ctx {d['context']} {d['path']} tok/s", _spread(d["tokens_per_s"]),
-                      f"{100 * d['roofline_fraction']:.0f}% of roofline {d['roofline_tokens_per_s']:,.0f}")
+                      f"{100 * d['roofline_fraction']:.1f}% of roofline {d['roofline_tokens_per_s']:,.0f}")
     if "moe_vs_dense" in r:
         m = r["moe_vs_dense"]
         table.add_row("MoE FFN fwd+bwd / active-dense twin", f"{m['ratio']:.2f}x",

@@ -105,3 +105,14 @@ def test_a_tensor_of_the_wrong_shape_is_one_clear_error(tmp_path):
     save_file(tensors, path, metadata=metadata)
     with pytest.raises(NanodsError, match=r"does not match its config: size mismatch for blocks\.0\.ffn\.experts\.w_in"):
         checkpoint.load(path)
+
+
+def test_an_older_expert_layout_is_refused_with_what_to_do(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = _checkpoint(tmp_path)
+    tensors, metadata = load_file(path), checkpoint.read_header(path)[1]
+    del metadata["nanods.format"]  # as session-1 files were written: experts (E, in, out)
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(NanodsError, match=r"checkpoint format 1 \(E, in, out\).*train it again"):
+        checkpoint.load(path)

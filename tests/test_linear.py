@@ -28,9 +28,13 @@ def test_equals_f_linear(float64, threads, shape):
 
 
 def test_odd_shapes_and_strided_input(threads):
-    weight = torch.randn(35, 24)  # 35 rows do not split evenly: plain F.linear
+    weight = torch.randn(35, 24)  # 35 rows: no even split by 2 threads
     x = torch.randn(24, 3)[:, 1].view(1, 1, 24)  # a strided view
     torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
+    even = torch.randn(36, 24)  # splits over 2 and 3 threads
+    out = linear(torch.randn(2, 3, 24), even)
+    assert out.is_contiguous() and out.view(-1).numel() == 2 * 3 * 36  # row-major, like F.linear's output
+    assert linear(torch.randn(0, 24), even).shape == (0, 36)
     layer = Linear(24, 36)
     assert layer.bias is None and layer.weight.shape == (36, 24)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight))

@@ -197,7 +197,10 @@ class Trainer:
                               f"from step {self.step}")
             self.total = self.settings.steps
         for i, optimizer in enumerate(self.optimizers):
+            kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
             optimizer.load_state_dict(_unflatten_optimizer(state, meta["optimizers"][i], i))
+            for group, kernel in zip(optimizer.param_groups, kernels):  # this machine's choice, not the saved one
+                group.update(kernel)
         self.report.print(f"resumed at step {self.step} of {self.total}")
 
     # ---- the loop ---------------------------------------------------------------------------
