@@ -22,6 +22,7 @@ from nanods.layers.ffn.moe import MoE
 from nanods.layers.linear import linear
 from nanods.model import NanoDeepSeek
 from nanods.peak import matmul_peak, sync
+from nanods.train.optim import fused_adamw
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> dict[str, float]:
@@ -78,7 +79,7 @@ def _autocast(device: torch.device, dtype: torch.dtype):  # noqa: ANN202
 def bench_train(model: NanoDeepSeek, batch: int, seq: int, dtype: torch.dtype, device: torch.device,
                 repeats: int) -> dict[str, float]:
     """Tokens/s of a full optimizer step (forward, backward, AdamW), parameters in float32."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))  # as nanods train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw(device))  # as nanods train
     idx = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device=device)
 
     def step() -> None:

@@ -29,6 +29,11 @@ def split_parameters(model: nn.Module) -> tuple[list, list, list]:
     return muon, decay, no_decay
 
 
+def fused_adamw(device: torch.device) -> bool:
+    """Whether AdamW's fused kernel exists here: one pass per tensor, 4-5x the per-op loop on CPU."""
+    return device.type in ("cpu", "cuda")
+
+
 def build_optimizers(model: nn.Module, settings: TrainSettings, device: torch.device) -> list[torch.optim.Optimizer]:
     """[AdamW] on everything, or (optimizer = "muon") [AdamW, Muon]: Muon on hidden matrices.
 
@@ -38,9 +43,7 @@ def build_optimizers(model: nn.Module, settings: TrainSettings, device: torch.de
     if settings.optimizer == "adamw":
         decay, muon = decay + muon, []
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # the fused kernel: one pass over each tensor (4-5x faster than the per-op loop on CPU)
-    optimizers = [torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), eps=1e-8,
-                                    fused=device.type in ("cpu", "cuda"))]
+    optimizers = [torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused_adamw(device))]
     if muon:
         optimizers.append(Muon(muon, lr=settings.muon_lr or settings.lr, weight_decay=settings.weight_decay))
     for optimizer in optimizers:
