@@ -105,9 +105,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[NanoDeep
     path = Path(path)
     _, metadata = read_header(path)
     config = config_from_metadata(metadata, path)
-    if config.use_moe and metadata.get("nanods.format", "1") != FORMAT:
-        raise NanodsError(f"'{path}' stores routed experts in checkpoint format {metadata.get('nanods.format', '1')} "
-                          f"(E, in, out); this nanods reads format {FORMAT} (E, out, in): train it again")
+    stored = metadata.get("nanods.format", "1")  # files without the key predate it: format 1
+    if config.use_moe and stored != FORMAT:
+        raise NanodsError(f"'{path}' stores routed experts in checkpoint format {stored} (E, in, out); "
+                          f"this nanods reads format {FORMAT} (E, out, in): train it again")
     tokenizer = Tokenizer.from_json(metadata["nanods.tokenizer"])
     with torch.device("meta"):
         model = NanoDeepSeek(config)
