@@ -22,6 +22,7 @@ import torch
 
 SHAPE = dict(layers=6, width=384, heads=4, kv_lora=192, q_lora=192, rope=32, nope=64, v=64, experts=4, top_k=2,
              shared=1, moe_hidden=768, vocab=4096, context=2048)
+MEMORY = "train peak memory"
 
 
 def build(side: str) -> torch.nn.Module:
@@ -110,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--only", metavar="TEXT", help="run only the measures whose name contains TEXT (e.g. decode)")
     parser.add_argument("--memory-of", choices=["nanods", "transformers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
@@ -120,16 +122,20 @@ def main() -> None:
     params = {side: sum(p.numel() for p in m.parameters()) for side, m in models.items()}
     optimizers = {side: torch.optim.AdamW(m.parameters(), lr=1e-4) for side, m in models.items()}
     g = torch.Generator().manual_seed(0)
-    batches = {
+    all_batches = {
         "train 8x256": (torch.randint(0, SHAPE["vocab"], (8, 257), generator=g), 8 * 256),
         "prefill 1x512": (torch.randint(0, SHAPE["vocab"], (1, 512), generator=g), 512),
         "decode b1 64+256": (torch.randint(0, SHAPE["vocab"], (1, 64), generator=g), 256),
         "decode b8 64+256": (torch.randint(0, SHAPE["vocab"], (8, 64), generator=g), 8 * 256),
         "decode b1 960+64 (ctx 1024)": (torch.randint(0, SHAPE["vocab"], (1, 960), generator=g), 64),
     }
+    batches = {name: batch for name, batch in all_batches.items() if args.only is None or args.only in name}
+    with_memory = args.only is None or args.only in MEMORY
+    if not batches and not with_memory:
+        parser.error(f"--only {args.only!r} matches none of the measures")
     times: dict[str, dict[str, list[float]]] = {name: {s: [] for s in sides} for name in batches}
     for side in sides:  # warm up each path once
-        train_step(side, models[side], optimizers[side], batches["train 8x256"][0])
+        train_step(side, models[side], optimizers[side], next(iter(all_batches.values()))[0])
     for _ in range(args.repeats):
         for name, (idx, _) in batches.items():
             for side in sides:  # alternate: noise hits both sides alike
@@ -148,7 +154,7 @@ def main() -> None:
         rows.append({"measure": name, "transformers_tok_s": rate["transformers"], "nanods_tok_s": rate["nanods"],
                      "ratio": rate["nanods"] / rate["transformers"]})
     memory = {}
-    for side in sides:
+    for side in sides if with_memory else ():
         proc = subprocess.run([sys.executable, __file__, "--memory-of", side], capture_output=True, text=True, check=True)
         memory[side] = int(proc.stdout.strip().splitlines()[-1])
     result = {"shape": SHAPE, "params": params, "repeats": args.repeats, "threads": torch.get_num_threads(),
@@ -165,8 +171,9 @@ def main() -> None:
         table.add_column(col, justify="left" if col == "measure" else "right")
     for r in rows:
         table.add_row(r["measure"], f"{r['transformers_tok_s']:,.1f}", f"{r['nanods_tok_s']:,.1f}", f"{r['ratio']:.2f}x")
-    table.add_row("train peak memory", f"{memory['transformers'] / 2**30:.2f} GiB", f"{memory['nanods'] / 2**30:.2f} GiB",
-                  f"{memory['nanods'] / memory['transformers']:.2f}x")
+    if memory:
+        table.add_row(MEMORY, f"{memory['transformers'] / 2**30:.2f} GiB", f"{memory['nanods'] / 2**30:.2f} GiB",
+                      f"{memory['nanods'] / memory['transformers']:.2f}x")
     Console().print(table)
     Console().print(f"parameters: transformers {params['transformers']:,}, nanods {params['nanods']:,}")
 

@@ -52,6 +52,14 @@ def test_loop_kernel_matches_reference_float64(float64, activation, router):
         torch.testing.assert_close(gp[name], rgp[name], atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+def test_one_token_decode_path_matches_reference(float64, activation):
+    moe = make_moe(activation=activation, ffn_options={"kernel": "loop"}).eval()
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), reference_moe(moe, x), atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("kernel", ["loop", "grouped_mm"])
 def test_kernels_match_reference_float32(kernel):
     moe = make_moe(ffn_options={"kernel": kernel}).eval()

@@ -84,11 +84,12 @@ class MultiHeadLatentAttention(nn.Module):
         """q_nope·W_UK^T·c_kv == q_nope·k_nope; attention in latent space is MQA over the cache itself."""
         w_kv = self.wkv_b.weight.view(self.n_head, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
-        q_latent = q_nope.transpose(1, 2) @ w_uk  # (B, H, T, nope) @ (H, nope, rank)
+        q_latent = per_head(q_nope.transpose(1, 2), w_uk)  # (B, H, T, rank)
         q = torch.cat([q_latent, q_pe.transpose(1, 2).to(q_latent.dtype)], dim=-1)  # (B, H, T, rank + rope)
         kv = latent.unsqueeze(1).to(q.dtype)  # one shared "head": keys [c_kv ; k_pe], values c_kv
-        o_latent = causal_attention(q, kv, kv[..., : self.rank], self.softmax_scale, past)  # (B, H, T, rank)
-        return (o_latent @ w_uv.transpose(1, 2).to(o_latent.dtype)).transpose(1, 2)  # (B, T, H, v_dim)
+        # values = keys = the cached rows, so SDPA sees one head width; the k_pe columns of the output are cut
+        o_latent = causal_attention(q, kv, kv, self.softmax_scale, past)[..., : self.rank]  # (B, H, T, rank)
+        return per_head(o_latent, w_uv.transpose(1, 2)).transpose(1, 2)  # (B, T, H, v_dim)
 
     def init_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> LayerCache:
         return LayerCache(1, latent=torch.zeros(batch, max_len, self.rank + self.rope, device=device, dtype=dtype))
@@ -105,3 +106,14 @@ class MultiHeadLatentAttention(nn.Module):
         if decode:
             return 2 * H * (r + rope + r) * context
         return 2 * H * (config.qk_nope_head_dim + rope + config.v_head_dim) * context
+
+
+def per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, i) times each head's own matrix w (H, i, o) -> (B, H, T, o).
+
+    One bmm over heads with batch and time folded into rows: `x @ w` would broadcast w to
+    (B, H, i, o) and copy it once per sequence (7 of 34 ms per step at batch 8 on CPU).
+    """
+    B, H, T, _ = x.shape
+    rows = x.transpose(0, 1).reshape(H, B * T, -1)
+    return (rows @ w.to(x.dtype)).view(H, B, T, -1).transpose(0, 1)

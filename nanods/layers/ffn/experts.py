@@ -48,20 +48,29 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, C); weights, indices (N, K); counts (E,) tokens per expert -> (N, C)."""
         N, K = indices.shape
+        kernel = pick_kernel(self.kernel, x)
+        if kernel == "loop" and N == 1 and not torch.is_grad_enabled():  # decoding one sequence: no sorting
+            return sum(w * self._expert(x, e) for w, e in zip(weights[0].tolist(), indices[0].tolist()))
         order = indices.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
         # expand instead of gathering x by token id, so the backward has no duplicate-index scatter-add
         xs = x.unsqueeze(1).expand(N, K, x.size(-1)).reshape(N * K, -1)[order]
-        kernel = pick_kernel(self.kernel, x)
-        splits = counts.tolist() if kernel == "loop" else None  # the loop's one host sync per layer
-        h = activate(self._matmul(xs, self.w_in, counts, splits), self.activation)
-        ys = self._matmul(h, self.w_out, counts, splits)
+        if kernel == "loop":
+            splits = counts.tolist()  # the loop's one host sync per layer
+            # each expert's whole FFN on its rows, then one cat of C-wide outputs (not of the wider hidden)
+            ys = torch.cat([self._expert(rows, e) for e, rows in enumerate(xs.split(splits)) if splits[e]])
+        else:
+            ys = self._grouped(xs, counts)
         ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         out = ys.new_empty(ys.shape).index_copy(0, order, ys)  # unsort: a permutation, no accumulation
         return out.view(N, K, -1).sum(dim=1)
 
-    def _matmul(self, xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, splits: list[int] | None) -> torch.Tensor:
-        if splits is None:
-            dtype = compute_dtype(xs)
-            offsets = counts.cumsum(0).to(torch.int32)
-            return F.grouped_mm(xs.to(dtype), w.to(dtype).transpose(-2, -1), offs=offsets)
-        return torch.cat([linear(chunk, w[e]) for e, chunk in enumerate(xs.split(splits)) if splits[e]])  # idle skipped
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's FFN on rows x."""
+        return linear(activate(linear(x, self.w_in[e]), self.activation), self.w_out[e])
+
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every expert's FFN in two F.grouped_mm calls on rows sorted by expert, counts[e] rows each."""
+        dtype = compute_dtype(xs)
+        offsets = counts.cumsum(0).to(torch.int32)
+        h = F.grouped_mm(xs.to(dtype), self.w_in.to(dtype).transpose(-2, -1), offs=offsets)
+        return F.grouped_mm(activate(h, self.activation), self.w_out.to(dtype).transpose(-2, -1), offs=offsets)
