@@ -76,11 +76,11 @@ def prefill(side: str, model: torch.nn.Module, idx: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def decode(side: str, model: torch.nn.Module, idx: torch.Tensor, new: int) -> float:
+def decode(side: str, model: torch.nn.Module, idx: torch.Tensor, new: int, compile: bool = False) -> float:
     """Seconds for `new` greedy tokens after the prompt (prefill included on both sides)."""
     start = time.perf_counter()
     if side == "nanods":
-        out = model.generate(idx, new, temperature=0)
+        out = model.generate(idx, new, temperature=0, compile=compile and idx.size(0) == 1)
     else:
         out = model.generate(input_ids=idx, attention_mask=torch.ones_like(idx), max_new_tokens=new,
                              min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
@@ -111,6 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--compile", action="store_true",
+                        help="nanods decodes batch 1 through its torch.compile'd step (compiled once, before timing)")
     parser.add_argument("--only", metavar="TEXT", help="run only the measures whose name contains TEXT (e.g. decode)")
     parser.add_argument("--memory-of", choices=["nanods", "transformers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,6 +136,11 @@ def main() -> None:
     if not batches and not with_memory:
         parser.error(f"--only {args.only!r} matches none of the measures")
     times: dict[str, dict[str, list[float]]] = {name: {s: [] for s in sides} for name in batches}
+    compile_s = None
+    if args.compile:  # compile outside the timed runs; the compiled step then serves every context length
+        start = time.perf_counter()
+        decode("nanods", models["nanods"].eval(), all_batches["decode b1 64+256"][0], 2, compile=True)
+        compile_s = time.perf_counter() - start
     for side in sides:  # warm up each path once
         train_step(side, models[side], optimizers[side], next(iter(all_batches.values()))[0])
     for _ in range(args.repeats):
@@ -146,7 +153,8 @@ def main() -> None:
                 else:
                     model.eval()
                     new = 256 if "256" in name else 64
-                    fn = prefill(side, model, idx) if name.startswith("prefill") else decode(side, model, idx, new)
+                    fn = prefill(side, model, idx) if name.startswith("prefill") else decode(side, model, idx, new,
+                                                                                                 args.compile)
                     times[name][side].append(fn)
     rows = []
     for name, (_, work) in batches.items():
@@ -158,6 +166,7 @@ def main() -> None:
         proc = subprocess.run([sys.executable, __file__, "--memory-of", side], capture_output=True, text=True, check=True)
         memory[side] = int(proc.stdout.strip().splitlines()[-1])
     result = {"shape": SHAPE, "params": params, "repeats": args.repeats, "threads": torch.get_num_threads(),
+              "nanods_compiled_decode": args.compile, "compile_s": compile_s,
               "rows": rows, "train_peak_memory_bytes": memory}
     if args.json:
         print(json.dumps(result, indent=2))
@@ -165,8 +174,9 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    compiled = f", nanods batch-1 decode compiled ({compile_s:.0f} s, not timed)" if args.compile else ""
     table = Table(title=f"nanods vs transformers DeepseekV3, float32, {torch.get_num_threads()} threads, "
-                        f"medians of {args.repeats} alternating runs")
+                        f"medians of {args.repeats} alternating runs{compiled}")
     for col in ("measure", "transformers tok/s", "nanods tok/s", "nanods / transformers"):
         table.add_column(col, justify="left" if col == "measure" else "right")
     for r in rows:

@@ -16,6 +16,7 @@ import torch
 
 from nanods.config import NanoDeepSeekConfig
 from nanods.flops import count_parameters, flops_per_token
+from nanods.generate import compiled_decode_step
 from nanods.layers.ffn.dense import MLP
 from nanods.layers.ffn.experts import RoutedExperts
 from nanods.layers.ffn.moe import MoE
@@ -105,16 +106,21 @@ def bench_prefill(model: NanoDeepSeek, seq: int, dtype: torch.dtype, device: tor
 
 @torch.inference_mode()
 def bench_decode(model: NanoDeepSeek, batch: int, prompt: int, new: int, device: torch.device,
-                 repeats: int) -> dict[str, float]:
-    """Greedy decode tokens/s (all rows) after a prompt, on the cache, in the model's dtype."""
+                 repeats: int, step: Callable[..., torch.Tensor] | None = None) -> dict[str, float]:
+    """Greedy decode tokens/s (all rows) after a prompt, on the cache, in the model's dtype.
+
+    `step` replaces the model for the decode steps (e.g. `compiled_decode_step(model)`); the first
+    of the repeats is a warm-up and not counted.
+    """
     idx = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+    step = step or model
 
     def decode() -> None:
         cache = model.init_cache(batch, prompt + new)
         token = model(idx, cache=cache)[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
         for i in range(new):
-            token = model(token, cache=cache, start_pos=prompt + i)[:, -1].argmax(-1, keepdim=True)
+            token = step(token, cache=cache, start_pos=prompt + i)[:, -1].argmax(-1, keepdim=True)
         sync(device)
         decode.seconds = time.perf_counter() - start  # exclude the prefill
 
@@ -163,8 +169,12 @@ def bench_moe_vs_dense(config: NanoDeepSeekConfig, batch: int, seq: int, dtype: 
 
 def run(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, repeats: int = 5,
         train_batch: int = 8, train_seq: int = 256, prefill_seq: int = 512, new_tokens: int = 64,
-        long_context: int = 1024, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """All measurements for one config; decode runs in `dtype` (weights cast), training under autocast."""
+        long_context: int = 1024, compile: bool = False,
+        progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """All measurements for one config; decode runs in `dtype` (weights cast), training under autocast.
+
+    compile=True adds batch-1 decode rows through `compiled_decode_step` (path "compiled").
+    """
     limit = config.sequence_len  # every length fits the model's context
     train_seq, prefill_seq, long_context = min(train_seq, limit), min(prefill_seq, limit), min(long_context, limit)
     new_tokens = min(new_tokens, long_context // 2)
@@ -193,13 +203,15 @@ def run(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, re
     decode = []
     paths = ["absorbed", "naive"] if config.use_mla else ["cache"]
     short = min(64, long_context - new_tokens)
+    compiled = compiled_decode_step(model) if compile else None  # compiles on its first call, in the warm-up
     for batch, prompt in ((1, short), (8, short), (1, long_context - new_tokens)):
-        for path in paths:
+        for path in paths + (["compiled"] if compile and batch == 1 else []):
             progress(f"decode batch {batch}, context {prompt + new_tokens}, {path}")
             for block in model.blocks:
                 if config.use_mla:
-                    block.attn.absorb = "auto" if path == "absorbed" else "never"
-            rate = bench_decode(model, batch, prompt, new_tokens, device, max(2, repeats // 2))
+                    block.attn.absorb = "never" if path == "naive" else "auto"
+            rate = bench_decode(model, batch, prompt, new_tokens, device, max(2, repeats // 2),
+                                compiled if path == "compiled" else None)
             roofline = bandwidth / decode_bytes_per_token(model, batch, prompt + new_tokens // 2, dtype)
             decode.append({"batch": batch, "context": prompt + new_tokens, "path": path, "tokens_per_s": rate,
                            "roofline_tokens_per_s": roofline, "roofline_fraction": rate["median"] / roofline})

@@ -106,9 +106,10 @@ class NanoDeepSeek(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, eos_id: int | None = None) -> torch.Tensor:
+                 top_p: float | None = None, seed: int | None = None, eos_id: int | None = None,
+                 compile: bool = False) -> torch.Tensor:
         """Extend idx (B, T) by up to max_new_tokens with the KV cache -> (B, T + new); see nanods.generate."""
         from nanods.generate import stream
 
-        new = list(stream(self, idx, max_new_tokens, temperature, top_k, top_p, seed, eos_id))
+        new = list(stream(self, idx, max_new_tokens, temperature, top_k, top_p, seed, eos_id, compile=compile))
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx

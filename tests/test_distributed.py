@@ -58,5 +58,7 @@ def test_two_processes_match_one(single, parallel, micro):
     assert biases and all(wa[k].abs().sum() > 0 for k in biases)
     for k in biases:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-7)
+    # atol is 1 % of one lr step (1e-2): Adam turns last-bit gradient differences (the reduction order) into
+    # visible steps where a gradient is ~0, e.g. embedding rows of rare tokens; a real bug moves whole tensors by ~lr
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4, msg=lambda m: f"{k}: {m}")

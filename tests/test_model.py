@@ -144,3 +144,23 @@ def test_top_k_zero_means_no_cut():
     model = build()
     out = model.generate(torch.zeros(1, 2, dtype=torch.long), 4, top_k=0, seed=0)
     assert out.shape == (1, 6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention,ffn", [("mla", "moe"), ("mha", "dense")])
+def test_compiled_decode_matches_eager(attention, ffn):
+    model = build(attention=attention, ffn=ffn).eval()
+    prompt = torch.randint(0, 128, (1, 5))
+    eager = model.generate(prompt, 12, temperature=0)
+    compiled = model.generate(prompt, 12, temperature=0, compile=True)
+    assert torch.equal(compiled, eager)
+
+
+def test_compiled_decode_refuses_batches_and_no_cache():
+    from nanods.generate import stream
+
+    model = build()
+    with pytest.raises(ValueError, match="one sequence"):
+        next(stream(model, torch.zeros(2, 3, dtype=torch.long), 4, compile=True))
+    with pytest.raises(ValueError, match="one sequence"):
+        next(stream(model, torch.zeros(1, 3, dtype=torch.long), 4, use_cache=False, compile=True))

@@ -21,9 +21,9 @@ FEW_ROWS = 8  # up to this many rows, batched matmul over weight blocks beats F.
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ weight (out, in)^T -> (..., out)."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():  # a compiled graph picks its own kernels
+    if x.device.type != "cpu":
         return F.linear(x, weight)
-    blocks = math.gcd(torch.get_num_threads(), weight.size(0))  # as many equal blocks as threads allow
+    blocks = math.gcd(_threads(), weight.size(0))  # as many equal blocks as threads allow
     rows = x.numel() // x.size(-1)
     if not 0 < rows <= FEW_ROWS or blocks < 2:
         return F.linear(x, weight)
@@ -33,6 +33,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if rows > 1:
         y = y.view(weight.size(0), rows).t().contiguous()  # row-major like F.linear's (at most 8 rows: cheap)
     return y.view(*x.shape[:-1], weight.size(0))
+
+
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    return torch.get_num_threads()
 
 
 class Linear(nn.Linear):

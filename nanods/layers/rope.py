@@ -8,20 +8,21 @@ import torch
 
 
 @lru_cache(maxsize=32)
-def _rope_table(dim: int, length: int, theta: float, device: torch.device) -> torch.Tensor:
-    """(length, 2, dim): per position, [cos ; cos] and [-sin ; sin] of its dim/2 angles."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.stack([torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)], dim=1)
+def _signed_frequencies(dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """(dim,): [-f ; f] for the dim/2 rotation frequencies f_i = theta^(-2i/dim)."""
+    f = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    return torch.cat([-f, f])
 
 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float, max_len: int) -> torch.Tensor:
     """Rotate x (B, T, H, D) by positions pos (B, T) < max_len; pairs are (i, i + D/2), in float32.
 
-    With x = [x1 ; x2]: [x1 cos - x2 sin ; x2 cos + x1 sin] = x * [cos ; cos] + [x2 ; x1] * [-sin ; sin],
-    four tensor ops (decoding runs this twice per layer per token, so op count matters).
+    (The model checks positions against its context; max_len stays in the signature plugins call.)
+
+    With x = [x1 ; x2] and angles a = pos * f: [x1 cos a - x2 sin a ; x2 cos a + x1 sin a]
+    = x * cos([-a ; a]) + [x2 ; x1] * sin([-a ; a]). The angles come from the positions
+    directly (no table), so a compiled decode step computes D of them, not the whole table.
     """
-    cos, sin = _rope_table(x.size(-1), max_len, float(theta), pos.device)[pos].unsqueeze(3).unbind(2)  # (B, T, 1, D)
+    angles = pos.unsqueeze(-1).unsqueeze(-1).float() * _signed_frequencies(x.size(-1), float(theta), pos.device)
     xf = x.float()
-    return torch.addcmul(xf * cos, xf.roll(x.size(-1) // 2, dims=-1), sin).to(x.dtype)
+    return torch.addcmul(xf * angles.cos(), xf.roll(x.size(-1) // 2, dims=-1), angles.sin()).to(x.dtype)

@@ -50,7 +50,7 @@ class RoutedExperts(nn.Module):
         N, K = indices.shape
         kernel = pick_kernel(self.kernel, x)
         if kernel == "loop" and N == 1 and not torch.is_grad_enabled():  # decoding one sequence: no sorting
-            return sum(w * self._expert(x, e) for w, e in zip(weights[0].tolist(), indices[0].tolist()))
+            return sum(weights[0, k].to(x.dtype) * self._expert(x, e) for k, e in enumerate(indices[0].tolist()))
         order = indices.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
         # expand instead of gathering x by token id, so the backward has no duplicate-index scatter-add
         xs = x.unsqueeze(1).expand(N, K, x.size(-1)).reshape(N * K, -1)[order]

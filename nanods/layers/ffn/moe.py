@@ -43,9 +43,7 @@ class MoE(KeepsFloat32):
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         weights, indices, aux = self._route(x)
-        counts = torch.bincount(indices.flatten(), minlength=self.config.num_experts)
-        if counts.numel() != self.config.num_experts:  # an index >= num_experts (negative ones raise in bincount)
-            self._broken(f"indices must be in [0, {self.config.num_experts}), got up to {counts.numel() - 1}")
+        counts = self._count(indices)
         # count only real training forwards: not eval, not no-grad generation, not a checkpoint recompute
         if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
             self.tokens_per_expert += counts
@@ -53,6 +51,16 @@ class MoE(KeepsFloat32):
         if self.shared is not None:
             y = y + self.shared(x)
         return y if aux is None else (y, aux)
+
+    def _count(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows routed to each expert (E,), checking the router's ids in eager runs."""
+        E, flat = self.config.num_experts, indices.flatten()
+        if torch.compiler.is_compiling():  # bincount's output size depends on the values: a graph cannot have it
+            return torch.zeros(E, dtype=flat.dtype, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+        counts = torch.bincount(flat, minlength=E)
+        if counts.numel() != E:  # an index >= num_experts (negative ones raise in bincount)
+            self._broken(f"indices must be in [0, {E}), got up to {counts.numel() - 1}")
+        return counts
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Call the router and check its output against the contract (shape and dtype checks are free)."""
