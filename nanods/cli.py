@@ -142,8 +142,8 @@ def sample(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole prefix each step (for comparison).")] = False,
     speculative: Annotated[bool, typer.Option("--speculative", help="Self-speculative decoding with the MTP modules.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step: ~30 s first on a CPU, then "
-                                          "~1.3-1.5x faster tokens (long generations; one sample).")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step: tens of seconds first, then "
+                                          "faster tokens (pays off for long generations; one sample).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No timing line on stderr.")] = False,
 ) -> None:
     """Generate text from a checkpoint, streaming it to stdout (decode runs on the KV cache).
@@ -222,7 +222,7 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Timed repeats per measurement (medians are reported).")] = 5,
     sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override a model key, e.g. --set model.attention=mha.")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="Also decode through the torch.compile'd step (batch 1; "
-                                          "compiling takes ~30 s on a CPU).")] = False,
+                                          "compiling takes tens of seconds).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
     """Measure train step, prefill and decode speed, MFU and the decode roofline on this machine.

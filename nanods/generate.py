@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from nanods.errors import NanodsError
 from nanods.model import NanoDeepSeek
 
 
@@ -31,9 +32,9 @@ def compiled_decode_step(model: NanoDeepSeek) -> Callable[..., torch.Tensor]:
     """model's forward for one new token of one sequence, compiled by torch.compile into one graph.
 
     The cache length is a symbolic size, so one compilation serves every position; the routed
-    expert ids become values inside the graph. On a 2-core CPU this decodes about 1.3-1.5x faster
-    than eager after ~30 s of compiling: worth it only for long generations. Batch 1 only: the
-    sorted dispatch of several tokens needs the per-expert row counts on the host.
+    expert ids become values inside the graph (README "Measuring" has the figures). Batch 1
+    only: the loop kernel's sorted dispatch of several tokens needs per-expert counts on the host.
+    A failed compilation raises one NanodsError line.
     """
     compiled = torch.compile(model, dynamic=True, fullgraph=True)
 
@@ -43,7 +44,12 @@ def compiled_decode_step(model: NanoDeepSeek) -> Callable[..., torch.Tensor]:
         with torch._dynamo.config.patch(capture_scalar_outputs=True), warnings.catch_warnings():  # ids as values
             # rope's lru-cached frequencies are a pure function of constants: tracing through the cache is fine
             warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
-            return compiled(token, cache=cache, start_pos=start_pos)
+            try:
+                return compiled(token, cache=cache, start_pos=start_pos)
+            except torch._dynamo.exc.TorchDynamoException as e:  # many lines of compiler output otherwise
+                first = next((line for line in str(e).splitlines() if line.strip()), "")
+                raise NanodsError(f"torch.compile failed on the decode step ({type(e).__name__}: {first[:200]}); "
+                                  "run without --compile / compile=False") from e
 
     return step
 

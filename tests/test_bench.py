@@ -34,6 +34,14 @@ def test_decode_bytes_count_weights_experts_and_cache():
 
 
 @pytest.mark.slow
+def test_bench_compiled_decode_rows():
+    result = run(tiny_config(sequence_len=64), torch.device("cpu"), torch.float32, repeats=1,
+                 train_batch=2, train_seq=32, prefill_seq=32, new_tokens=4, long_context=64, compile=True)
+    compiled = [d for d in result["decode"] if d["path"] == "compiled"]
+    assert [d["batch"] for d in compiled] == [1, 1] and all(d["tokens_per_s"]["median"] > 0 for d in compiled)
+
+
+@pytest.mark.slow
 def test_bench_cli_json():
     proc = subprocess.run([sys.executable, "-m", "nanods", "bench", "--scale", "tiny", "--repeats", "1", "--json"],
                           capture_output=True, text=True, timeout=300)

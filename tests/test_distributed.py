@@ -58,7 +58,8 @@ def test_two_processes_match_one(single, parallel, micro):
     assert biases and all(wa[k].abs().sum() > 0 for k in biases)
     for k in biases:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-7)
-    # atol is 1 % of one lr step (1e-2): Adam turns last-bit gradient differences (the reduction order) into
-    # visible steps where a gradient is ~0, e.g. embedding rows of rare tokens; a real bug moves whole tensors by ~lr
+    # atol is 1 % of one lr step (1e-2). Adam divides by sqrt(v), so where a gradient is ~0 (embedding rows of
+    # rare tokens) last-bit differences from the reduction order become visible: after the rope rewrite (same
+    # math, other rounding) one of 20,480 embed.weight values differed by 1.5e-5. A real bug moves tensors by ~lr.
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4, msg=lambda m: f"{k}: {m}")

@@ -56,9 +56,10 @@ def test_greedy_sampling_is_repeatable_and_equal_without_cache(run):
     assert a.stdout == b.stdout and a.stdout.strip()
     assert a.stdout == c.stdout  # the latent cache with absorbed decode reproduces the full recomputation
     assert d.returncode == 0 and a.stdout == d.stdout, d.stderr  # the compiled decode step too
-    refused = nanods(*args, "--compile", "--num-samples", "2", env=env)
-    assert refused.returncode == 1 and "--compile decodes one sample" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    for extra in (["--num-samples", "2"], ["--no-cache"]):
+        refused = nanods(*args, "--compile", *extra, env=env)
+        assert refused.returncode == 1 and "--compile decodes one sample" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 
 
 def test_sampling_with_a_seed_is_repeatable_and_pipes_cleanly(run):

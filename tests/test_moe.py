@@ -53,11 +53,25 @@ def test_loop_kernel_matches_reference_float64(float64, activation, router):
 
 
 @pytest.mark.parametrize("activation", ["relu2", "swiglu"])
-def test_one_token_decode_path_matches_reference(float64, activation):
+def test_one_token_decode_path_matches_reference(float64, activation, monkeypatch):
     moe = make_moe(activation=activation, ffn_options={"kernel": "loop"}).eval()
     x = torch.randn(1, 1, 64)
+    expected = reference_moe(moe, x)
+
+    def no_sorting(*args, **kwargs):
+        raise AssertionError("one token must not take the sorted dispatch")
+
+    monkeypatch.setattr(torch.Tensor, "argsort", no_sorting)
     with torch.no_grad():
-        torch.testing.assert_close(moe(x), reference_moe(moe, x), atol=1e-10, rtol=0)
+        torch.testing.assert_close(moe(x), expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_expert_counts_equal_bincount():
+    moe = make_moe()
+    indices = torch.tensor([[[0, 3], [3, 1], [3, 0]]])
+    compiled = torch.compile(moe._count, fullgraph=True)
+    torch.testing.assert_close(compiled(indices), torch.bincount(indices.flatten(), minlength=4))
 
 
 @pytest.mark.parametrize("kernel", ["loop", "grouped_mm"])

@@ -37,6 +37,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @torch.compiler.assume_constant_result
 def _threads() -> int:
+    """torch's thread count; a compiled graph keeps the value it was traced with (later changes: speed only)."""
     return torch.get_num_threads()
 
 

@@ -21,7 +21,7 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float, max_len: int) -
 
     With x = [x1 ; x2] and angles a = pos * f: [x1 cos a - x2 sin a ; x2 cos a + x1 sin a]
     = x * cos([-a ; a]) + [x2 ; x1] * sin([-a ; a]). The angles come from the positions
-    directly (no table), so a compiled decode step computes D of them, not the whole table.
+    directly (no table), so a compiled decode step computes D of them, not a whole table.
     """
     angles = pos.unsqueeze(-1).unsqueeze(-1).float() * _signed_frequencies(x.size(-1), float(theta), pos.device)
     xf = x.float()

@@ -49,7 +49,8 @@ class RoutedExperts(nn.Module):
         """x (N, C); weights, indices (N, K); counts (E,) tokens per expert -> (N, C)."""
         N, K = indices.shape
         kernel = pick_kernel(self.kernel, x)
-        if kernel == "loop" and N == 1 and not torch.is_grad_enabled():  # decoding one sequence: no sorting
+        # decoding one sequence: no sorting (loop kernel only: .tolist() would add a host sync to grouped_mm's path)
+        if kernel == "loop" and N == 1 and not torch.is_grad_enabled():
             return sum(weights[0, k].to(x.dtype) * self._expert(x, e) for k, e in enumerate(indices[0].tolist()))
         order = indices.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
         # expand instead of gathering x by token id, so the backward has no duplicate-index scatter-add
