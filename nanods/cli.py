@@ -210,7 +210,8 @@ def sample(
     if not quiet:
         cache = model.kv_cache_bytes_per_token(model.lm_head.weight.dtype) * (len(ids) + produced) * num_samples
         err.print(f"{produced * num_samples} tokens in {seconds:.2f} s ({produced * num_samples / seconds:,.1f} tok/s, "
-                  f"{'no cache' if no_cache else f'KV cache {_fmt_bytes(cache)}'})", highlight=False)
+                  f"{'no cache' if no_cache else f'KV cache {_fmt_bytes(cache)}'}"
+                  f"{', compiling included' if compile else ''})", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------
