@@ -11,9 +11,14 @@ from conftest import build, tiny_config
 from nanods.bench import decode_bytes_per_token, run
 
 
+def tiny_run(**options) -> dict:
+    """Every measurement on a tiny model with small shapes, once."""
+    return run(tiny_config(sequence_len=64), torch.device("cpu"), torch.float32, repeats=1,
+               train_batch=2, train_seq=32, prefill_seq=32, new_tokens=4, long_context=64, **options)
+
+
 def test_bench_reports_every_measurement():
-    result = run(tiny_config(sequence_len=64), torch.device("cpu"), torch.float32, repeats=1,
-                 train_batch=2, train_seq=32, prefill_seq=32, new_tokens=4, long_context=64)
+    result = tiny_run()
     assert result["peak_flops"]["float32"] > 0 and result["read_bandwidth_bytes_per_s"] > 0
     assert result["matvec_bandwidth_bytes_per_s"] > 0
     assert 0 < result["train"]["mfu"] and result["train"]["tokens_per_s"]["median"] > 0
@@ -35,8 +40,7 @@ def test_decode_bytes_count_weights_experts_and_cache():
 
 @pytest.mark.slow
 def test_bench_compiled_decode_rows():
-    result = run(tiny_config(sequence_len=64), torch.device("cpu"), torch.float32, repeats=1,
-                 train_batch=2, train_seq=32, prefill_seq=32, new_tokens=4, long_context=64, compile=True)
+    result = tiny_run(compile=True)
     compiled = [d for d in result["decode"] if d["path"] == "compiled"]
     assert [d["batch"] for d in compiled] == [1, 1] and all(d["tokens_per_s"]["median"] > 0 for d in compiled)
 
