@@ -36,6 +36,11 @@ def has_native_bf16(device: torch.device) -> bool:
     return device.type == "mps"
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: autocast's when it is on for x's device, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto -> bfloat16 where the device has native bf16 matmul, else float32."""
     if name == "auto":

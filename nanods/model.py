@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanods import registry
 from nanods.config import NanoDeepSeekConfig
+from nanods.layers.cross_entropy import linear_cross_entropy
 from nanods.layers.linear import Linear
 from nanods.layers.norm import RMSNorm
 
@@ -89,8 +89,7 @@ class NanoDeepSeek(nn.Module):
     def loss_terms(self, idx: torch.Tensor, targets: torch.Tensor) -> LossTerms:
         """Cross-entropy (targets of -1 are ignored) plus the layers' auxiliary losses, kept apart for logging."""
         h, aux = self.hidden(idx)
-        logits = self.lm_head(self.norm(h))
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        ce = linear_cross_entropy(self.norm(h).flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index=-1)
         aux = aux if aux is not None else ce.new_zeros(())
         return LossTerms(ce + aux, ce, aux)
 

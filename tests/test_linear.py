@@ -1,14 +1,18 @@
-"""nanods.layers.linear: the thread-split matrix-vector path equals F.linear, values and gradients."""
+"""nanods.layers.linear: the thread-split matrix-vector path equals F.linear, values and gradients,
+and is taken only where it was timed faster."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanods.layers.linear import FEW_ROWS, Linear, linear
+from nanods.layers import linear as linear_module
+from nanods.layers.linear import FEW_ROWS, Linear, linear, split_is_faster
 
 
 @pytest.fixture(params=[1, 2, 3])
-def threads(request):
+def threads(request, monkeypatch):
+    """Thread counts 1-3, with the split taken wherever it applies (whatever this machine's timing says)."""
+    monkeypatch.setattr(linear_module, "split_is_faster", lambda *key: True)
     old = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param
@@ -38,3 +42,24 @@ def test_odd_shapes_and_strided_input(threads):
     layer = Linear(24, 36)
     assert layer.bias is None and layer.weight.shape == (36, 24)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+
+
+def test_split_taken_only_where_timed_faster(monkeypatch):
+    weight, x = torch.randn(36, 24), torch.randn(1, 24)
+    calls = []
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a) or torch.ops.aten.bmm(*a))
+    monkeypatch.setattr(linear_module, "_threads", lambda: 2)
+    for faster in (False, True):
+        monkeypatch.setattr(linear_module, "split_is_faster", lambda *key, faster=faster: faster)
+        torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
+        assert len(calls) == faster
+
+
+def test_split_timing_runs_once_per_shape(monkeypatch):
+    seconds = iter([2.0, 2.1, 1.0, 10.0])  # (split, plain) per timed shape
+    timings = []
+    monkeypatch.setattr(linear_module, "_fastest", lambda fn: timings.append(fn) or next(seconds))
+    monkeypatch.setattr(linear_module, "_SPLIT_IS_FASTER", {})
+    assert split_is_faster(36, 24, torch.float32, 2) is False  # a near tie keeps F.linear
+    assert split_is_faster(36, 24, torch.float32, 2) is False and len(timings) == 2  # not timed again
+    assert split_is_faster(36, 24, torch.bfloat16, 2) is True and len(timings) == 4

@@ -200,3 +200,28 @@ def test_out_of_range_router_indices_are_named():
     moe.router.forward = lambda x: (torch.ones(*x.shape[:2], 2), torch.full((*x.shape[:2], 2), 7).long())
     with pytest.raises(NanodsError, match="router 'sigmoid' from package 'nanods' broke the contract: indices"):
         moe(torch.randn(1, 2, 64))
+
+
+def test_padded_expert_blocks_match_reference(float64, monkeypatch):
+    """Blocks padded past each expert's rows (as bf16 on CPU gets them) change nothing, gradients included."""
+    from nanods.layers.ffn import experts
+
+    monkeypatch.setattr(experts, "padded_rows", lambda n, x, dtype: n + 3 if n else 0)
+    moe = make_moe(ffn_options={"kernel": "loop"}).eval()
+    x = torch.randn(2, 7, 64)
+    out, gx, gp = _grads(moe, x, moe)
+    ref, rgx, rgp = _grads(moe, x, lambda x: reference_moe(moe, x))
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(gx, rgx, atol=1e-10, rtol=0)
+    for name in gp:
+        torch.testing.assert_close(gp[name], rgp[name], atol=1e-10, rtol=0)
+
+
+def test_padded_rows_only_for_half_precision_on_cpu():
+    from nanods.layers.ffn.experts import ROW_MULTIPLE, padded_rows
+
+    x = torch.zeros(1)
+    assert padded_rows(ROW_MULTIPLE + 1, x, torch.bfloat16) == 2 * ROW_MULTIPLE
+    assert padded_rows(2 * ROW_MULTIPLE, x, torch.bfloat16) == 2 * ROW_MULTIPLE
+    assert padded_rows(5, x, torch.bfloat16) == 5  # few rows: few shapes, no padding
+    assert padded_rows(ROW_MULTIPLE + 1, x, torch.float32) == ROW_MULTIPLE + 1

@@ -6,19 +6,18 @@ wants for its second operand, and the one `nanods.layers.linear` splits across C
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanods.device import compute_dtype
 from nanods.layers.ffn.dense import activate
 from nanods.layers.linear import linear
 
 KERNELS = ("auto", "grouped_mm", "loop")
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on x run in: autocast's when it is on for x's device, else x's own."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+ROW_MULTIPLE = 64
 
 
 def pick_kernel(kernel: str, x: torch.Tensor) -> str:
@@ -31,6 +30,17 @@ def pick_kernel(kernel: str, x: torch.Tensor) -> str:
     if x.is_cuda and compute_dtype(x) == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0):
         return "grouped_mm"
     return "loop"
+
+
+def padded_rows(n: int, x: torch.Tensor, dtype: torch.dtype) -> int:
+    """n rounded up to a multiple of ROW_MULTIPLE for bf16/fp16 matmuls on CPU, past ROW_MULTIPLE rows.
+
+    oneDNN, which runs those, builds a kernel for each new row count (about 2 ms each, 10x the
+    matmul), and each expert's row count changes every step; padded, a step reuses a few dozen.
+    """
+    if x.device.type != "cpu" or not dtype.is_floating_point or dtype.itemsize > 2 or n <= ROW_MULTIPLE:
+        return n
+    return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
 class RoutedExperts(nn.Module):
@@ -52,26 +62,51 @@ class RoutedExperts(nn.Module):
         # decoding one sequence: no sorting (loop kernel only: .tolist() would add a host sync to grouped_mm's path)
         if kernel == "loop" and N == 1 and not torch.is_grad_enabled():
             return sum(weights[0, k].to(x.dtype) * self._expert(x, e) for k, e in enumerate(indices[0].tolist()))
-        order = indices.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
-        # expand instead of gathering x by token id, so the backward has no duplicate-index scatter-add
-        xs = x.unsqueeze(1).expand(N, K, x.size(-1)).reshape(N * K, -1)[order]
+        dtype = compute_dtype(x)
+        pairs = x.to(dtype).unsqueeze(1).expand(N, K, x.size(-1)).reshape(N * K, -1)  # one row per (token, slot)
+        order = indices.reshape(-1).argsort(stable=True)  # pairs grouped by expert
         if kernel == "loop":
             splits = counts.tolist()  # the loop's one host sync per layer
+            sizes = [padded_rows(n, x, dtype) for n in splits]
+            gather, scatter = _layout(order, counts, splits, sizes)
             # each expert's whole FFN on its rows, then one cat of C-wide outputs (not of the wider hidden)
-            ys = torch.cat([self._expert(rows, e) for e, rows in enumerate(xs.split(splits)) if splits[e]])
+            w_in, w_out = self.w_in.to(dtype).unbind(0), self.w_out.to(dtype).unbind(0)  # one cast, one grad each
+            blocks = pairs.index_select(0, gather).split(sizes)
+            ys = torch.cat([self._expert(rows, e, w_in[e], w_out[e]) for e, rows in enumerate(blocks) if sizes[e]])
         else:
-            ys = self._grouped(xs, counts)
-        ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
-        out = ys.new_empty(ys.shape).index_copy(0, order, ys)  # unsort: a permutation, no accumulation
+            gather, scatter = _layout(order, counts)
+            ys = self._grouped(pairs.index_select(0, gather), counts)
+        # index_select, not indexing: its backward (index_add) is 2-4x faster on CPU than index_put
+        out = ys.index_select(0, scatter) * weights.reshape(-1, 1).to(ys.dtype)  # back to (token, slot) order
         return out.view(N, K, -1).sum(dim=1)
 
-    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert e's FFN on rows x."""
-        return linear(activate(linear(x, self.w_in[e]), self.activation), self.w_out[e])
+    def _expert(self, x: torch.Tensor, e: int, w_in: torch.Tensor | None = None,
+                w_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert e's FFN on rows x (with w_in, w_out: that expert's matrices, e.g. already cast)."""
+        w_in, w_out = (self.w_in[e], self.w_out[e]) if w_in is None else (w_in, w_out)
+        return linear(activate(linear(x, w_in), self.activation), w_out)
 
     def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Every expert's FFN in two F.grouped_mm calls on rows sorted by expert, counts[e] rows each."""
         dtype = compute_dtype(xs)
         offsets = counts.cumsum(0).to(torch.int32)
-        h = F.grouped_mm(xs.to(dtype), self.w_in.to(dtype).transpose(-2, -1), offs=offsets)
+        h = F.grouped_mm(xs, self.w_in.to(dtype).transpose(-2, -1), offs=offsets)
         return F.grouped_mm(activate(h, self.activation), self.w_out.to(dtype).transpose(-2, -1), offs=offsets)
+
+
+def _layout(order: torch.Tensor, counts: torch.Tensor, splits: list[int] | None = None,
+            sizes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each (token, slot) pair sits when expert e gets a block of sizes[e] >= splits[e] rows
+    (without sizes: exactly its splits[e] = counts[e] rows).
+
+    Returns gather (sum(sizes),): the pair each block row reads (padding rows read pair 0, and their
+    outputs are dropped, so their gradient is zero), and scatter (N*K,): the block row of each pair.
+    """
+    pos = torch.arange(order.numel(), device=order.device)
+    if sizes != splits:
+        shift = [p - n for p, n in zip(itertools.accumulate(sizes, initial=0), itertools.accumulate(splits, initial=0))]
+        pos = pos + torch.tensor(shift[:-1], device=order.device).repeat_interleave(counts)
+        gather = torch.zeros(sum(sizes), dtype=order.dtype, device=order.device).index_copy_(0, pos, order)
+    else:
+        gather = order
+    return gather, torch.empty_like(order).index_copy_(0, order, pos)
