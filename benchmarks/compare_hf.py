@@ -5,8 +5,10 @@
 
 Both sides get the same dimensions, routing and batches; the measurements alternate between the
 two so machine noise hits both alike. Reported: tokens/s per side and the nanods/transformers
-ratio for a training step, prefill and greedy decode, and each side's peak training memory
-(measured in a fresh subprocess: peak RSS minus RSS right after `import torch`; Linux).
+ratio for a training step, prefill and greedy decode, all float32, and each side's peak training
+memory (measured in a fresh subprocess: peak RSS minus RSS right after `import torch`; Linux).
+On a CPU with native bf16 matmul, one more row trains nanods in its default dtype there (bf16
+autocast) beside transformers' float32 step.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import time
 
 import torch
 
+from nanods.device import resolve_dtype
+
 SHAPE = dict(layers=6, width=384, heads=4, kv_lora=192, q_lora=192, rope=32, nope=64, v=64, experts=4, top_k=2,
              shared=1, moe_hidden=768, vocab=4096, context=2048)
 MEMORY = "train peak memory"
+BF16_TRAIN = "train 8x256, nanods bf16 autocast"  # vs transformers float32: nanods' default dtype where bf16 is native
 
 
 def build(side: str) -> torch.nn.Module:
@@ -57,9 +62,13 @@ def loss_of(side: str, model: torch.nn.Module, idx: torch.Tensor) -> torch.Tenso
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), idx[:, 1:].flatten())
 
 
-def train_step(side: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, idx: torch.Tensor) -> float:
+def train_step(side: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, idx: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> float:
+    """Seconds of one optimizer step; dtype other than float32: forward under autocast (parameters stay float32)."""
     start = time.perf_counter()
-    loss_of(side, model, idx).backward()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = loss_of(side, model, idx)
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
@@ -124,13 +133,16 @@ def main() -> None:
     params = {side: sum(p.numel() for p in m.parameters()) for side, m in models.items()}
     optimizers = {side: torch.optim.AdamW(m.parameters(), lr=1e-4) for side, m in models.items()}
     g = torch.Generator().manual_seed(0)
+    train_batch = torch.randint(0, SHAPE["vocab"], (8, 257), generator=g)
     all_batches = {
-        "train 8x256": (torch.randint(0, SHAPE["vocab"], (8, 257), generator=g), 8 * 256),
+        "train 8x256": (train_batch, 8 * 256),
         "prefill 1x512": (torch.randint(0, SHAPE["vocab"], (1, 512), generator=g), 512),
         "decode b1 64+256": (torch.randint(0, SHAPE["vocab"], (1, 64), generator=g), 256),
         "decode b8 64+256": (torch.randint(0, SHAPE["vocab"], (8, 64), generator=g), 8 * 256),
         "decode b1 960+64 (ctx 1024)": (torch.randint(0, SHAPE["vocab"], (1, 960), generator=g), 64),
     }
+    if resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16:  # nanods' default dtype here: its own row
+        all_batches[BF16_TRAIN] = (train_batch, 8 * 256)
     batches = {name: batch for name, batch in all_batches.items() if args.only is None or args.only in name}
     with_memory = args.only is None or args.only in MEMORY
     if not batches and not with_memory:
@@ -149,7 +161,8 @@ def main() -> None:
                 model = models[side]
                 if name.startswith("train"):
                     model.train()
-                    times[name][side].append(train_step(side, model, optimizers[side], idx))
+                    dtype = torch.bfloat16 if name == BF16_TRAIN and side == "nanods" else torch.float32
+                    times[name][side].append(train_step(side, model, optimizers[side], idx, dtype))
                 else:
                     model.eval()
                     new = 256 if "256" in name else 64
@@ -175,7 +188,8 @@ def main() -> None:
     from rich.table import Table
 
     compiled = f", nanods batch-1 decode compiled ({compile_s:.0f} s, not timed)" if compile_s else ""
-    table = Table(title=f"nanods vs transformers DeepseekV3, float32, {torch.get_num_threads()} threads, "
+    bf16 = " (but nanods' bf16 row)" if BF16_TRAIN in batches else ""
+    table = Table(title=f"nanods vs transformers DeepseekV3, float32{bf16}, {torch.get_num_threads()} threads, "
                         f"medians of {args.repeats} alternating runs{compiled}")
     for col in ("measure", "transformers tok/s", "nanods tok/s", "nanods / transformers"):
         table.add_column(col, justify="left" if col == "measure" else "right")

@@ -167,3 +167,37 @@ def test_compiled_decode_refuses_batches_and_no_cache():
         next(stream(model, torch.zeros(2, 3, dtype=torch.long), 4, compile=True))
     with pytest.raises(ValueError, match="one sequence"):
         next(stream(model, torch.zeros(1, 3, dtype=torch.long), 4, use_cache=False, compile=True))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_training_loss_equals_cross_entropy_of_the_logits(float64, tie):
+    """The sliced head loss (nanods.layers.cross_entropy) inside the model, tied embeddings included."""
+    model = build(tie_embeddings=tie)
+    idx = torch.randint(0, 128, (2, 9))
+    targets = idx[:, 1:].clone()
+    targets[0, 2] = -1
+    params = [p for p in model.parameters()]
+
+    def grads(loss):
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    loss = model(idx[:, :-1], targets)
+    expected = torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), targets.flatten(), ignore_index=-1)
+    if model.config.ffn == "moe":  # the balance loss, if any, is part of the total
+        expected = expected + model.loss_terms(idx[:, :-1], targets).aux
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=0)
+    for got, want in zip(grads(loss), grads(expected)):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_equals_eager():
+    model = build(ffn="moe")
+    idx = torch.randint(0, 128, (2, 17))
+    eager = model(idx[:, :-1], idx[:, 1:])
+    eager_grad = torch.autograd.grad(eager, model.embed.weight)[0]
+    compiled = torch.compile(model)(idx[:, :-1], idx[:, 1:])
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(compiled, model.embed.weight)[0], eager_grad, atol=1e-5, rtol=1e-4)

@@ -14,7 +14,7 @@ import torch
 
 from nanods.device import compute_dtype
 
-SLICE_ELEMENTS = 1 << 22  # logits per slice: 16 MiB in float32, reused from one slice to the next
+SLICE_ELEMENTS = 1 << 22  # logits per slice: 16 MiB in float32
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -33,8 +33,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 def _slices(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, dtype: torch.dtype,
-            grads: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(mean loss, d loss / d h, d loss / d weight), the gradients only when grads is True."""
+            grads: bool, weight_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(mean loss, d loss / d h, d loss / d weight): gradients only with grads, the weight's also with weight_grad."""
     hc, w = h.to(dtype), weight.to(dtype)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0).unsqueeze(1)
@@ -42,7 +42,7 @@ def _slices(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore
     softmax_dtype = torch.promote_types(dtype, torch.float32)
     total = torch.zeros((), dtype=softmax_dtype, device=h.device)
     grad_h = torch.empty_like(h) if grads else None
-    grad_w = torch.zeros(weight.shape, dtype=softmax_dtype, device=weight.device) if grads else None
+    grad_w = torch.zeros(weight.shape, dtype=softmax_dtype, device=weight.device) if grads and weight_grad else None
     rows = max(1, SLICE_ELEMENTS // weight.size(0))
     for i in range(0, h.size(0), rows):
         s = slice(i, i + rows)
@@ -50,25 +50,29 @@ def _slices(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore
         total -= (logp.gather(1, safe[s]).squeeze(1) * valid[s]).sum()
         if grads:
             g = logp.exp_()  # softmax, in place
-            g.scatter_add_(1, safe[s], -torch.ones_like(safe[s], dtype=g.dtype))  # minus the one-hot target
-            g = torch.mul(g, valid[s].unsqueeze(1), out=g.new_empty(g.shape, dtype=dtype))  # ignored rows: 0
+            g.scatter_(1, safe[s], g.gather(1, safe[s]) - 1)  # minus the one-hot target
+            g = g.mul_(valid[s].unsqueeze(1)).to(dtype)  # ignored rows: no gradient
             grad_h[s] = g @ w
-            grad_w += g.t() @ hc[s]
-    loss = total / count
+            if grad_w is not None:
+                grad_w += g.t() @ hc[s]
+    loss = total / count  # nan without a target, as F.cross_entropy
     if not grads:
         return loss, None, None
-    return loss, grad_h / count, (grad_w / count).to(weight.dtype)
+    count = count.clamp(min=1)  # ... but zero gradients then, also as F.cross_entropy
+    return loss, grad_h / count, None if grad_w is None else (grad_w / count).to(weight.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index, dtype):  # noqa: ANN001, ANN205
         with torch.autocast(h.device.type, enabled=False):
-            loss, grad_h, grad_w = _slices(h, weight, targets, ignore_index, dtype, grads=True)
+            loss, grad_h, grad_w = _slices(h, weight, targets, ignore_index, dtype, grads=True,
+                                           weight_grad=ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+        return grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss, None, None, None

@@ -1,7 +1,7 @@
 """Routed experts as stacked 3-D weights, run on tokens sorted by expert (dropless, deterministic).
 
 Each expert's matrices are laid out like nn.Linear's, (out, in): the layout CUDA's grouped matmul
-wants for its second operand, and the one `nanods.layers.linear` splits across CPU threads.
+wants for its second operand, and the one `nanods.layers.linear` takes.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def padded_rows(n: int, x: torch.Tensor, dtype: torch.dtype) -> int:
     oneDNN, which runs those, builds a kernel for each new row count (about 2 ms each, 10x the
     matmul), and each expert's row count changes every step; padded, a step reuses a few dozen.
     """
-    if x.device.type != "cpu" or not dtype.is_floating_point or dtype.itemsize > 2 or n <= ROW_MULTIPLE:
+    if x.device.type != "cpu" or dtype.itemsize > 2 or n <= ROW_MULTIPLE:
         return n
     return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
 
@@ -61,7 +61,8 @@ class RoutedExperts(nn.Module):
         kernel = pick_kernel(self.kernel, x)
         # decoding one sequence: no sorting (loop kernel only: .tolist() would add a host sync to grouped_mm's path)
         if kernel == "loop" and N == 1 and not torch.is_grad_enabled():
-            return sum(weights[0, k].to(x.dtype) * self._expert(x, e) for k, e in enumerate(indices[0].tolist()))
+            return sum(weights[0, k].to(x.dtype) * self._expert(x, self.w_in[e], self.w_out[e])
+                       for k, e in enumerate(indices[0].tolist()))
         dtype = compute_dtype(x)
         pairs = x.to(dtype).unsqueeze(1).expand(N, K, x.size(-1)).reshape(N * K, -1)  # one row per (token, slot)
         order = indices.reshape(-1).argsort(stable=True)  # pairs grouped by expert
@@ -72,7 +73,7 @@ class RoutedExperts(nn.Module):
             # each expert's whole FFN on its rows, then one cat of C-wide outputs (not of the wider hidden)
             w_in, w_out = self.w_in.to(dtype).unbind(0), self.w_out.to(dtype).unbind(0)  # one cast, one grad each
             blocks = pairs.index_select(0, gather).split(sizes)
-            ys = torch.cat([self._expert(rows, e, w_in[e], w_out[e]) for e, rows in enumerate(blocks) if sizes[e]])
+            ys = torch.cat([self._expert(rows, w_in[e], w_out[e]) for e, rows in enumerate(blocks) if sizes[e]])
         else:
             gather, scatter = _layout(order, counts)
             ys = self._grouped(pairs.index_select(0, gather), counts)
@@ -80,10 +81,8 @@ class RoutedExperts(nn.Module):
         out = ys.index_select(0, scatter) * weights.reshape(-1, 1).to(ys.dtype)  # back to (token, slot) order
         return out.view(N, K, -1).sum(dim=1)
 
-    def _expert(self, x: torch.Tensor, e: int, w_in: torch.Tensor | None = None,
-                w_out: torch.Tensor | None = None) -> torch.Tensor:
-        """Expert e's FFN on rows x (with w_in, w_out: that expert's matrices, e.g. already cast)."""
-        w_in, w_out = (self.w_in[e], self.w_out[e]) if w_in is None else (w_in, w_out)
+    def _expert(self, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+        """One expert's FFN, given its two matrices, on rows x."""
         return linear(activate(linear(x, w_in), self.activation), w_out)
 
     def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
