@@ -1,5 +1,7 @@
 """The model as a whole: training works, cached decode equals the full forward, generate's contract."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import COMBOS, build, tiny_config
@@ -201,3 +203,15 @@ def test_compiled_training_step_equals_eager():
     compiled = torch.compile(model)(idx[:, :-1], idx[:, 1:])
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.autograd.grad(compiled, model.embed.weight)[0], eager_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_with_norm_weights_keeps_the_fused_norm():
+    """A float32 norm weight on a bf16 input (MLA's latent) would warn and take the unfused path."""
+    model = build(attention="mla", ffn="moe", norm_weights=True, activation="swiglu")
+    idx = torch.randint(0, 128, (2, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+    assert torch.isfinite(loss) and model.blocks[0].attn_norm.weight.grad.dtype == torch.float32

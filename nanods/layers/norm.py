@@ -14,4 +14,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+        # the weight in x's dtype: under autocast a bf16 x (e.g. MLA's latent) would miss the fused kernel
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        return F.rms_norm(x, (self.dim,), weight, self.eps)

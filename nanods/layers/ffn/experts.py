@@ -78,8 +78,8 @@ class RoutedExperts(nn.Module):
             gather, scatter = _layout(order, counts)
             ys = self._grouped(pairs.index_select(0, gather), counts)
         # index_select, not indexing: its backward (index_add) is 2-4x faster on CPU than index_put
-        out = ys.index_select(0, scatter) * weights.reshape(-1, 1).to(ys.dtype)  # back to (token, slot) order
-        return out.view(N, K, -1).sum(dim=1)
+        ys = ys.index_select(0, scatter).view(N, K, -1)  # back to (token, slot) order
+        return (weights.to(ys.dtype).unsqueeze(1) @ ys).squeeze(1)  # sum_k w_k y_k as one batched matmul
 
     def _expert(self, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
         """One expert's FFN, given its two matrices, on rows x."""
