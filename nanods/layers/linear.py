@@ -4,10 +4,11 @@ Decoding multiplies one row per sequence by each weight matrix. Some CPU BLAS bu
 matrix-vector product on one thread (MKL on the AMD EPYC machines nanods is also developed on:
 about 9 GB/s of ~40); cutting the weight's output rows into one block per thread and handing
 the blocks to a batched matmul streams them in parallel, 2-3x faster there. Where BLAS already
-threads it (MKL on Intel Xeon: 50-120 GB/s in float32), the split is 2-4x *slower*. So the
-first product of each weight shape and dtype times both paths once and keeps the faster one.
-The results are equal up to float rounding. A compiled decode step
-(`nanods.generate.compiled_decode_step`) keeps the choice made when it was traced.
+threads it (MKL on Intel Xeon: 22 GB/s from memory, more from cache, in float32), the split is
+2-4x *slower*. So the first product of each weight shape and dtype times both paths once, and
+the split is kept only where it clearly wins. The results are equal up to float rounding. A
+compiled decode step (`nanods.generate.compiled_decode_step`) keeps the choice made when it
+was traced.
 """
 
 from __future__ import annotations
