@@ -64,7 +64,8 @@ class RoutedExperts(nn.Module):
             return sum(weights[0, k].to(x.dtype) * self._expert(x, self.w_in[e], self.w_out[e])
                        for k, e in enumerate(indices[0].tolist()))
         dtype = compute_dtype(x)
-        pairs = x.to(dtype).unsqueeze(1).expand(N, K, x.size(-1)).reshape(N * K, -1)  # one row per (token, slot)
+        # one row per (token, slot), not a gather by token id: its backward would scatter-add duplicates
+        pairs = x.to(dtype).unsqueeze(1).expand(N, K, x.size(-1)).reshape(N * K, -1)
         order = indices.reshape(-1).argsort(stable=True)  # pairs grouped by expert
         if kernel == "loop":
             splits = counts.tolist()  # the loop's one host sync per layer
