@@ -148,7 +148,8 @@ def decode_bytes_per_token(model: NanoDeepSeek, batch: int, context: int, dtype:
 
 def bench_moe_vs_dense(config: NanoDeepSeekConfig, batch: int, seq: int, dtype: torch.dtype, device: torch.device,
                        repeats: int) -> dict[str, Any]:
-    """fwd+bwd seconds of one MoE layer vs a dense FFN with the same active parameters."""
+    """fwd+bwd seconds of one MoE layer vs a dense FFN with the same active parameters, run alternately
+    (one of each per repeat, so that the machine's drift hits both alike), and the ratio of the medians."""
     moe = MoE(config, 0).to(device)
     active_hidden = (config.top_k + config.n_shared_experts) * config.moe_hidden
     dense = MLP(config.n_embd, active_hidden, config.activation).to(device)
@@ -161,10 +162,16 @@ def bench_moe_vs_dense(config: NanoDeepSeekConfig, batch: int, seq: int, dtype: 
             (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
         return step
 
-    t_moe, t_dense = timed(run(moe), device, repeats), timed(run(dense), device, repeats)
+    steps = {"moe": run(moe), "dense": run(dense)}
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(max(repeats, 3) + 1):  # the first round warms up
+        for name, step in steps.items():
+            t = timed(step, device, 1, warmup=0)["median"]
+            if i:
+                seconds[name].append(t)
+    t_moe, t_dense = statistics.median(seconds["moe"]), statistics.median(seconds["dense"])
     kernel = next(m for m in moe.modules() if isinstance(m, RoutedExperts)).kernel
-    return {"moe_s": t_moe["median"], "dense_s": t_dense["median"], "ratio": t_moe["median"] / t_dense["median"],
-            "kernel": kernel}
+    return {"moe_s": t_moe, "dense_s": t_dense, "ratio": t_moe / t_dense, "kernel": kernel}
 
 
 def run(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, repeats: int = 5,
