@@ -5,17 +5,19 @@ matrix-vector product on one thread (MKL on the AMD EPYC machines nanods is also
 about 9 GB/s of ~40); cutting the weight's output rows into one block per thread and handing
 the blocks to a batched matmul streams them in parallel, 2-3x faster there. Where BLAS already
 threads it (MKL on Intel Xeon: 22 GB/s from memory, more from cache, in float32), the split is
-2-4x *slower*. So the first product of each weight shape and dtype times both paths once, and
-the split is kept only where it clearly wins. The results are equal up to float rounding. A
-compiled decode step (`nanods.generate.compiled_decode_step`) keeps the choice made when it
-was traced.
+2-4x *slower*. So the first product of each weight shape and dtype times both paths once, on
+weights streamed from memory as in decoding (a weight hot in cache hides the difference: on a
+Zen 4 EPYC both paths tie there while from memory the split is 2.5-3.5x faster), and the split
+is kept only where it clearly wins. The results are equal up to float rounding. A compiled
+decode step (`nanods.generate.compiled_decode_step`) keeps the choice made when it was traced.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,32 +49,39 @@ def _split(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.Tensor:
 
 
 _SPLIT_IS_FASTER: dict[tuple[int, int, torch.dtype, int], bool] = {}
+SPLIT_MARGIN = 1.25  # how much faster the split must time to be taken
+STREAM_BYTES = 96 << 20  # weights timed from a buffer this large, past the last-level cache of common CPUs
 
 
 @torch.compiler.assume_constant_result
 def split_is_faster(out_features: int, in_features: int, dtype: torch.dtype, blocks: int) -> bool:
     """Whether the thread split clearly beats F.linear for one row times an (out, in) weight, timed once here.
 
-    Only a clear win (1.5x; 2-3x where BLAS runs it on one thread) takes the split, so that a
-    close call cannot flip between runs: the two paths round differently.
+    Each timed call reads the next of many equal weights in one large buffer, so the weights come
+    from memory as they do in decoding. Only a clear win (1.25x; 1.6-3x where BLAS runs it on one
+    thread) takes the split, so that a close call cannot flip between runs: the paths round differently.
     """
     key = (out_features, in_features, dtype, blocks)
     if key not in _SPLIT_IS_FASTER:
-        weight, x = torch.ones(out_features, in_features, dtype=dtype), torch.ones(1, in_features, dtype=dtype)
+        numel = out_features * in_features
+        count = max(2, STREAM_BYTES // (numel * dtype.itemsize))
+        weights = torch.ones(count, out_features, in_features, dtype=dtype).unbind(0)  # written: no shared zero page
+        x = torch.ones(1, in_features, dtype=dtype)
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            split, plain = _fastest(lambda: _split(x, weight, blocks)), _fastest(lambda: F.linear(x, weight))
-        _SPLIT_IS_FASTER[key] = split * 1.5 < plain
+            split = _fastest(lambda weight: _split(x, weight, blocks), weights)
+            plain = _fastest(lambda weight: F.linear(x, weight), weights)
+        _SPLIT_IS_FASTER[key] = split * SPLIT_MARGIN < plain
     return _SPLIT_IS_FASTER[key]
 
 
-def _fastest(fn: Callable[[], object], repeats: int = 5, calls: int = 4) -> float:
-    """Best seconds per call of fn over a few short runs, after one warm-up call."""
-    fn()
-    best = math.inf
-    for _ in range(repeats):
+def _fastest(fn: Callable[[torch.Tensor], object], weights: Sequence[torch.Tensor], runs: int = 5, calls: int = 4) -> float:
+    """Best seconds per call of fn over a few short runs, each call on the next weight in turn, after one warm-up call."""
+    fn(weights[-1])  # the last weight written is the one most likely still in cache
+    best, turn = math.inf, itertools.cycle(weights)
+    for _ in range(runs):
         start = time.perf_counter()
         for _ in range(calls):
-            fn()
+            fn(next(turn))
         best = min(best, (time.perf_counter() - start) / calls)
     return best
 
