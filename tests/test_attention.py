@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from nanods.layers.attention.sdpa import causal_attention
+from nanods.layers.attention import sdpa
+from nanods.layers.attention.sdpa import causal_attention, explicit_causal_attention
 
 
 def reference(q, k, v, scale, past):
@@ -43,3 +44,28 @@ def test_decode_step_softmax_runs_in_float32_for_bfloat16():
     out = causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.25, 8)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference(q, k, v, 0.25, 8), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dk,dv", SHAPES)
+def test_explicit_path_matches_reference(float64, heads, kv_heads, dk, dv):
+    q = torch.randn(2, heads, 7, dk, requires_grad=True)
+    k = torch.randn(2, kv_heads, 7, dk, requires_grad=True)
+    v = torch.randn(2, kv_heads, 7, dv, requires_grad=True)
+    out = explicit_causal_attention(q, k, v, 0.3)
+    expected = reference(q, k, v, 0.3, 0)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("length,explicit", [(16, True), (17, False)])
+def test_bfloat16_on_cpu_takes_explicit_path_only_for_short_sequences(monkeypatch, length, explicit):
+    monkeypatch.setattr(sdpa, "EXPLICIT_MAX_LEN", 16)
+    calls = []
+    monkeypatch.setattr(sdpa, "explicit_causal_attention",
+                        lambda *a: calls.append(a) or explicit_causal_attention(*a))
+    q, k, v = torch.randn(2, 4, length, 24), torch.randn(2, 2, length, 24), torch.randn(2, 2, length, 16)
+    out = causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.25, 0)
+    assert len(calls) == explicit and out.dtype == torch.bfloat16 and out.shape == (2, 4, length, 16)
+    torch.testing.assert_close(out.float(), reference(q, k, v, 0.25, 0), atol=3e-2, rtol=3e-2)
