@@ -48,7 +48,7 @@ def test_split_taken_only_where_timed_faster(monkeypatch):
     weight, x = torch.randn(36, 24), torch.randn(1, 24)
     calls = []
     monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a) or torch.ops.aten.bmm(*a))
-    monkeypatch.setattr(linear_module, "_threads", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     for faster in (False, True):
         monkeypatch.setattr(linear_module, "split_is_faster", lambda *key, faster=faster: faster)
         torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
@@ -73,3 +73,15 @@ def test_split_timing_streams_weights_from_memory(monkeypatch):
     monkeypatch.setattr(linear_module, "_split", lambda x, weight, blocks: seen.append(weight.data_ptr()))
     split_is_faster(36, 24, torch.float32, 2)
     assert len(seen) == 21 and len(set(seen)) == 21  # a warm-up call and 5 runs of 4, each on its own weight
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_few_rows_equal_f_linear(dtype):
+    """Under torch.compile a few rows become one multiply-and-sum reduction (no split, no BLAS call)."""
+    weight, x = torch.randn(36, 24, dtype=dtype), torch.randn(2, 1, 24, dtype=dtype)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(linear, fullgraph=True)(x, weight)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out, F.linear(x, weight), atol=tol, rtol=tol)

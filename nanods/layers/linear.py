@@ -1,15 +1,19 @@
-"""The model's linear layer: nn.Linear without bias, with a thread-split path for a few rows on CPU.
+"""The model's linear layer: nn.Linear without bias, with faster paths for a few rows on CPU.
 
 Decoding multiplies one row per sequence by each weight matrix. Some CPU BLAS builds run such a
 matrix-vector product on one thread (MKL on the AMD EPYC machines nanods is also developed on:
-about 9 GB/s of ~40); cutting the weight's output rows into one block per thread and handing
-the blocks to a batched matmul streams them in parallel, 2-3x faster there. Where BLAS already
-threads it (MKL on Intel Xeon: 22 GB/s from memory, more from cache, in float32), the split is
-2-4x *slower*. So the first product of each weight shape and dtype times both paths once, on
-weights streamed from memory as in decoding (a weight hot in cache hides the difference: on a
-Zen 4 EPYC both paths tie there while from memory the split is 2.5-3.5x faster), and the split
-is kept only where it clearly wins. The results are equal up to float rounding. A compiled
-decode step (`nanods.generate.compiled_decode_step`) keeps the choice made when it was traced.
+8-15 GB/s of 35-60); cutting the weight's output rows into one block per thread and handing the
+blocks to a batched matmul streams them in parallel, 2-3x faster there. Where BLAS already
+threads it (MKL on Intel Xeon: 22 GB/s from memory in float32), the split is 2-4x *slower*. So
+the first product of each weight shape and dtype times both paths once, on weights streamed
+from memory as in decoding (a weight hot in cache hides the difference: on a Zen 4 EPYC both
+tie there, while from memory the split is 1.6-2.9x faster), and takes the split only where it
+clearly wins. The results are equal up to float rounding.
+
+Under torch.compile (`nanods.generate.compiled_decode_step`) the product is written as a
+multiply and a sum instead, which Inductor turns into one vectorised reduction that streams the
+weight: 1.7x the compiled bf16 decode step (oneDNN's bf16 matrix-vector product reads 5-14 GB/s
+on the CPUs measured), about even with the split in float32.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.size(-1)
     if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS:
         return F.linear(x, weight)
-    blocks = math.gcd(_threads(), weight.size(0))  # as many equal blocks as threads allow
+    if torch.compiler.is_compiling():  # Inductor makes this one vectorised reduction that streams the weight
+        return (x.unsqueeze(-2) * weight).sum(-1)
+    blocks = math.gcd(torch.get_num_threads(), weight.size(0))  # as many equal blocks as threads allow
     if blocks < 2 or not split_is_faster(*weight.shape, compute_dtype(x), blocks):
         return F.linear(x, weight)
     return _split(x, weight, blocks).view(*x.shape[:-1], weight.size(0))
@@ -53,7 +59,6 @@ SPLIT_MARGIN = 1.25  # how much faster the split must time to be taken
 STREAM_BYTES = 96 << 20  # weights timed from a buffer this large, past the last-level cache of common CPUs
 
 
-@torch.compiler.assume_constant_result
 def split_is_faster(out_features: int, in_features: int, dtype: torch.dtype, blocks: int) -> bool:
     """Whether the thread split clearly beats F.linear for one row times an (out, in) weight, timed once here.
 
@@ -84,12 +89,6 @@ def _fastest(fn: Callable[[torch.Tensor], object], weights: Sequence[torch.Tenso
             fn(next(turn))
         best = min(best, (time.perf_counter() - start) / calls)
     return best
-
-
-@torch.compiler.assume_constant_result
-def _threads() -> int:
-    """torch's thread count; a compiled graph keeps the value it was traced with (later changes: speed only)."""
-    return torch.get_num_threads()
 
 
 class Linear(nn.Linear):
