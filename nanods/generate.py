@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -41,9 +40,7 @@ def compiled_decode_step(model: NanoDeepSeek) -> Callable[..., torch.Tensor]:
     def step(token: torch.Tensor, cache: list, start_pos: int) -> torch.Tensor:
         if token.shape != (1, 1):
             raise ValueError(f"the compiled decode step takes one token of one sequence, got {tuple(token.shape)}")
-        with torch._dynamo.config.patch(capture_scalar_outputs=True), warnings.catch_warnings():  # ids as values
-            # rope's lru-cached frequencies are a pure function of constants: tracing through the cache is fine
-            warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):  # expert ids as values in the graph
             try:
                 return compiled(token, cache=cache, start_pos=start_pos)
             except torch._dynamo.exc.TorchDynamoException as e:  # many lines of compiler output otherwise

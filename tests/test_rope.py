@@ -1,5 +1,8 @@
 """Rotary embedding against the rotate-half definition, and its relative-position property."""
 
+import warnings
+
+import pytest
 import torch
 
 from nanods.layers.rope import apply_rope
@@ -37,3 +40,15 @@ def test_scores_depend_only_on_relative_position():
 
     assert abs(score(5, 2) - score(1005, 1002)) < 1e-4
     assert abs(score(5, 2) - score(5, 3)) > 1e-3  # and it does depend on the offset
+
+
+@pytest.mark.slow
+def test_compiles_without_warnings_and_equals_eager():
+    """A compiled graph computes the frequencies itself: no Dynamo warning about the lru_cache."""
+    x, pos = torch.randn(2, 5, 3, 8), torch.arange(5).expand(2, 5)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(apply_rope, fullgraph=True)(x, pos, 10000.0, 16)
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    torch.testing.assert_close(compiled, apply_rope(x, pos, 10000.0, 16))

@@ -23,6 +23,8 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float, max_len: int) -
     = x * cos([-a ; a]) + [x2 ; x1] * sin([-a ; a]). The angles come from the positions
     directly (no table), so a compiled decode step computes D of them, not a whole table.
     """
-    angles = pos.unsqueeze(-1).unsqueeze(-1).float() * _signed_frequencies(x.size(-1), float(theta), pos.device)
+    # a compiled graph computes the frequencies itself (Dynamo would trace through the cache, with a warning)
+    frequencies = _signed_frequencies.__wrapped__ if torch.compiler.is_compiling() else _signed_frequencies
+    angles = pos.unsqueeze(-1).unsqueeze(-1).float() * frequencies(x.size(-1), float(theta), pos.device)
     xf = x.float()
     return torch.addcmul(xf * angles.cos(), xf.roll(x.size(-1) // 2, dims=-1), angles.sin()).to(x.dtype)
