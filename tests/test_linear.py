@@ -1,6 +1,8 @@
 """nanods.layers.linear: the thread-split matrix-vector path equals F.linear, values and gradients,
 and is taken only where it was timed faster."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,32 +58,41 @@ def test_split_taken_only_where_timed_faster(monkeypatch):
 
 
 def test_split_timing_runs_once_per_shape(monkeypatch):
-    seconds = iter([2.0, 2.4, 1.0, 1.3])  # (split, plain) per timed shape
+    seconds = iter([(2.0, 2.4), (1.0, 1.3)])  # (split, plain) per timed shape
     timings = []
-    monkeypatch.setattr(linear_module, "_fastest", lambda fn, weights: timings.append(fn) or next(seconds))
+    monkeypatch.setattr(linear_module, "_fastest", lambda paths, weights: timings.append(paths) or next(seconds))
     monkeypatch.setattr(linear_module, "_SPLIT_IS_FASTER", {})
     assert split_is_faster(36, 24, torch.float32, 2) is False  # less than SPLIT_MARGIN (1.25x) keeps F.linear
-    assert split_is_faster(36, 24, torch.float32, 2) is False and len(timings) == 2  # not timed again
-    assert split_is_faster(36, 24, torch.bfloat16, 2) is True and len(timings) == 4
+    assert split_is_faster(36, 24, torch.float32, 2) is False and len(timings) == 1  # not timed again
+    assert split_is_faster(36, 24, torch.bfloat16, 2) is True and len(timings) == 2
 
 
 def test_split_timing_streams_weights_from_memory(monkeypatch):
-    """Each timed call reads another weight, so a weight hot in cache cannot decide (it hid a 2.7x win)."""
-    seen = []
+    """The paths take turns and each call reads a weight not read before: a weight hot in cache hid a 2.7x win,
+    and a path timed on the weights the other just read would run from cache."""
+    seen = {"split": [], "plain": []}
     monkeypatch.setattr(linear_module, "_SPLIT_IS_FASTER", {})
     monkeypatch.setattr(linear_module, "STREAM_BYTES", 64 * 36 * 24 * 4)  # 64 weights of 36 x 24 floats
-    monkeypatch.setattr(linear_module, "_split", lambda x, weight, blocks: seen.append(weight.data_ptr()))
+    monkeypatch.setattr(linear_module, "_split", lambda x, weight, blocks: seen["split"].append(weight.data_ptr()))
+    monkeypatch.setattr(linear_module.F, "linear", lambda x, weight: seen["plain"].append(weight.data_ptr()))
     split_is_faster(36, 24, torch.float32, 2)
-    assert len(seen) == 21 and len(set(seen)) == 21  # a warm-up call and 5 runs of 4, each on its own weight
+    every = seen["split"] + seen["plain"]
+    assert len(seen["split"]) == len(seen["plain"]) == 21  # a warm-up call and 5 runs of 4 per path
+    assert len(set(every)) == len(every)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_few_rows_equal_f_linear(dtype):
-    """Under torch.compile a few rows become one multiply-and-sum reduction (no split, no BLAS call)."""
-    weight, x = torch.randn(36, 24, dtype=dtype), torch.randn(2, 1, 24, dtype=dtype)
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_compiled_one_row_is_a_reduction_equal_to_f_linear(dtype, autocast):
+    """Under torch.compile one row becomes a multiply-and-sum Inductor reduction (no BLAS call), in autocast's dtype."""
+    from torch._inductor.utils import run_and_get_code
+
+    weight, x = torch.randn(36, 24, dtype=dtype), torch.randn(1, 1, 24, dtype=dtype)
     torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(linear, fullgraph=True)(x, weight)
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(out, F.linear(x, weight), atol=tol, rtol=tol)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, code = run_and_get_code(torch.compile(linear, fullgraph=True), x, weight)
+        expected = F.linear(x, weight)
+    assert out.dtype == expected.dtype
+    assert not re.search(r"extern_kernels\.\w+\(", "".join(code))  # no mm/bmm/addmm call: the reduction itself
+    tol = 1e-5 if expected.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)

@@ -10,10 +10,11 @@ from memory as in decoding (a weight hot in cache hides the difference: on a Zen
 tie there, while from memory the split is 1.6-2.9x faster), and takes the split only where it
 clearly wins. The results are equal up to float rounding.
 
-Under torch.compile (`nanods.generate.compiled_decode_step`) the product is written as a
-multiply and a sum instead, which Inductor turns into one vectorised reduction that streams the
-weight: 1.7x the compiled bf16 decode step (oneDNN's bf16 matrix-vector product reads 5-14 GB/s
-on the CPUs measured), about even with the split in float32.
+Under torch.compile (`nanods.generate.compiled_decode_step`) a one-row product is written as
+a multiply and a sum instead, which Inductor turns into one vectorised reduction that streams
+the weight: 1.7x the compiled bf16 decode step (oneDNN's bf16 matrix-vector product reads 5-14
+GB/s on the CPUs measured), about even with the split in float32. A compiled graph gives a few
+rows to F.linear: it cannot time the paths, and the reduction is written for one row.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.size(-1)
     if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS:
         return F.linear(x, weight)
-    if torch.compiler.is_compiling():  # Inductor makes this one vectorised reduction that streams the weight
-        return (x.unsqueeze(-2) * weight).sum(-1)
+    if torch.compiler.is_compiling():  # no timing inside a graph; one row: a reduction Inductor streams the weight through
+        dtype = compute_dtype(x)
+        return (x.to(dtype).unsqueeze(-2) * weight.to(dtype)).sum(-1) if rows == 1 else F.linear(x, weight)
     blocks = math.gcd(torch.get_num_threads(), weight.size(0))  # as many equal blocks as threads allow
     if blocks < 2 or not split_is_faster(*weight.shape, compute_dtype(x), blocks):
         return F.linear(x, weight)
@@ -56,38 +58,42 @@ def _split(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.Tensor:
 
 _SPLIT_IS_FASTER: dict[tuple[int, int, torch.dtype, int], bool] = {}
 SPLIT_MARGIN = 1.25  # how much faster the split must time to be taken
-STREAM_BYTES = 96 << 20  # weights timed from a buffer this large, past the last-level cache of common CPUs
+STREAM_BYTES = 96 << 20  # weights timed from a buffer this large: past the last-level cache of most CPUs
 
 
 def split_is_faster(out_features: int, in_features: int, dtype: torch.dtype, blocks: int) -> bool:
     """Whether the thread split clearly beats F.linear for one row times an (out, in) weight, timed once here.
 
-    Each timed call reads the next of many equal weights in one large buffer, so the weights come
-    from memory as they do in decoding. Only a clear win (1.25x; 1.6-3x where BLAS runs it on one
-    thread) takes the split, so that a close call cannot flip between runs: the paths round differently.
+    The two paths take turns, each call on the next of many equal weights in one large buffer, so
+    that every weight comes from memory as in decoding and neither path reads what the other just
+    read. Only a clear win (1.25x; 1.6-3x where BLAS runs it on one thread) takes the split, so
+    that a close call cannot flip between runs: the paths round differently.
     """
     key = (out_features, in_features, dtype, blocks)
     if key not in _SPLIT_IS_FASTER:
-        numel = out_features * in_features
-        count = max(2, STREAM_BYTES // (numel * dtype.itemsize))
-        weights = torch.ones(count, out_features, in_features, dtype=dtype).unbind(0)  # written: no shared zero page
+        count = max(1, STREAM_BYTES // (out_features * in_features * dtype.itemsize))  # one: larger than the buffer
+        buffer = torch.ones(count, out_features, in_features, dtype=dtype)  # written: no shared zero page
         x = torch.ones(1, in_features, dtype=dtype)
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            split = _fastest(lambda weight: _split(x, weight, blocks), weights)
-            plain = _fastest(lambda weight: F.linear(x, weight), weights)
+            split, plain = _fastest([lambda w: _split(x, w, blocks), lambda w: F.linear(x, w)],
+                                    (buffer[i] for i in itertools.cycle(range(count))))
         _SPLIT_IS_FASTER[key] = split * SPLIT_MARGIN < plain
     return _SPLIT_IS_FASTER[key]
 
 
-def _fastest(fn: Callable[[torch.Tensor], object], weights: Sequence[torch.Tensor], runs: int = 5, calls: int = 4) -> float:
-    """Best seconds per call of fn over a few short runs, each call on the next weight in turn, after one warm-up call."""
-    fn(weights[-1])  # the last weight written is the one most likely still in cache
-    best, turn = math.inf, itertools.cycle(weights)
+def _fastest(paths: Sequence[Callable[[torch.Tensor], object]], weights: Iterator[torch.Tensor],
+             runs: int = 5, calls: int = 4) -> list[float]:
+    """Best seconds per call of each path over a few short runs that alternate between the paths,
+    each call on the next weight, after one warm-up call each."""
+    for fn in paths:
+        fn(next(weights))
+    best = [math.inf] * len(paths)
     for _ in range(runs):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn(next(turn))
-        best = min(best, (time.perf_counter() - start) / calls)
+        for i, fn in enumerate(paths):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn(next(weights))
+            best[i] = min(best[i], (time.perf_counter() - start) / calls)
     return best
 
 

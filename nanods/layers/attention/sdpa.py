@@ -5,14 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Up to this many positions, bf16/fp16 attention from scratch on CPU runs as explicit matmuls (below).
+# bf16 attention from scratch on CPU runs as explicit matmuls (below) up to this many positions,
+# and while the scores it keeps for the backward (B x H x T x T) stay this small (16 MiB a layer).
 EXPLICIT_MAX_LEN = 512
+EXPLICIT_MAX_SCORES = 1 << 23
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, past: int) -> torch.Tensor:
     """q (B, H, T, D), k (B, Hk, S, D), v (B, Hk, S, Dv) with S = past + T; Hk divides H (GQA/MQA)."""
     t, s = q.size(2), k.size(2)
-    if past == 0 and q.device.type == "cpu" and q.dtype.itemsize == 2 and s <= EXPLICIT_MAX_LEN:
+    if (past == 0 and q.device.type == "cpu" and q.dtype == torch.bfloat16 and s <= EXPLICIT_MAX_LEN
+            and q.size(0) * q.size(1) * t * s <= EXPLICIT_MAX_SCORES):
         return explicit_causal_attention(q, k, v, scale)
     # SDPA's fused kernels want one head width; values narrower than keys (MLA's, without the rope part)
     # would send it down the unfused path that stores the T x S attention matrix. Pad, then cut.
@@ -38,7 +41,8 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     one bf16 batched matmul of all scores, a softmax and one more matmul is 1.7-2x faster for
     forward and backward (Zen 4 EPYC; 1.2x on a Xeon), though it computes the masked half too,
     which loses past 512 positions. The scores are rounded to bf16 before the softmax, as in
-    Megatron's unfused attention; the softmax itself accumulates in float32.
+    Megatron's unfused attention; the softmax itself accumulates in float32. (Not for fp16: CPUs
+    without fp16 matmul units run its bmm many times slower, and fp16 scores can overflow.)
     """
     B, H, T, D = q.shape
     Hk = k.size(1)
