@@ -38,7 +38,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.size(-1)
     if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS:
         return F.linear(x, weight)
-    if torch.compiler.is_compiling():  # no timing inside a graph; one row: a reduction Inductor streams the weight through
+    if torch.compiler.is_compiling():  # no timing in a graph; one row: a reduction that streams the weight
         dtype = compute_dtype(x)
         return (x.to(dtype).unsqueeze(-2) * weight.to(dtype)).sum(-1) if rows == 1 else F.linear(x, weight)
     blocks = math.gcd(torch.get_num_threads(), weight.size(0))  # as many equal blocks as threads allow
