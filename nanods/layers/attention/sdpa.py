@@ -40,9 +40,10 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     SDPA's CPU flash kernel runs bf16 at float32 speed (no bf16 dot products); on short sequences
     one bf16 batched matmul of all scores, a softmax and one more matmul is 1.7-2x faster for
     forward and backward (Zen 4 EPYC; a similar version: 1.16x on a Xeon), though it computes
-    the masked half too, which loses past 512 positions. The scores are rounded to bf16 before the softmax, as in
-    Megatron's unfused attention; the softmax itself accumulates in float32. (Not for fp16: CPUs
-    without fp16 matmul units run its bmm many times slower, and fp16 scores can overflow.)
+    the masked half too, which loses past 512 positions. The scores are rounded to bf16 before
+    the softmax, as in Megatron's unfused attention; the softmax itself accumulates in float32.
+    (Not for fp16: CPUs without fp16 matmul units run its bmm many times slower, and fp16 scores
+    can overflow.)
     """
     B, H, T, D = q.shape
     Hk = k.size(1)
