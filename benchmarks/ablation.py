@@ -11,19 +11,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from nanods.atomic import atomic_write
+from nanods.config import parse_duration
+from nanods.errors import NanodsError
 
 VARIANTS = [("mha", "dense"), ("mha", "moe"), ("mla", "dense"), ("mla", "moe")]
 
 
 def run_variant(attention: str, ffn: str, budget: str, out: Path) -> dict:
-    run_dir = out / f"{attention}-{ffn}"
+    """Train one variant into a hidden folder and, once it has finished, swap it in for the variant's old run."""
+    name = f"{attention}-{ffn}"
+    partial = out / f".{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)  # left behind by a killed run
     cmd = [sys.executable, "-m", "nanods", "train", "--scale", "small", "--attention", attention, "--ffn", ffn,
-           "--time-budget", budget, "--out", str(run_dir), "--overwrite", "--set", "train.sample_tokens=0",
+           "--time-budget", budget, "--out", str(partial), "--set", "train.sample_tokens=0",
            "--set", "train.eval_every=25"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    try:
+        code = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+        if code:  # nanods train printed its one-line error
+            raise SystemExit(f"ablation stopped: training {name} failed (nanods train exited with {code})")
+        result = read_run(attention, ffn, partial)
+        replace_dir(partial, out / name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return result
+
+
+def read_run(attention: str, ffn: str, run_dir: Path) -> dict:
+    """The table's figures and the validation curve of a finished run."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "tok_per_s" in r]
     evals = [r for r in rows if "val_bpb" in r]
@@ -35,6 +55,16 @@ def run_variant(attention: str, ffn: str, budget: str, out: Path) -> dict:
             "params_active": info["params_active"], "params_total": info["params_total"],
             "kv_cache_bytes_per_token": info["kv_cache_bytes_per_token"],
             "curve": [(time_at[r["step"]], r["val_bpb"]) for r in evals]}
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put folder new at target; an old target is moved aside first and deleted only after."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -52,15 +82,30 @@ def plot(results: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
+def duration(text: str) -> str:
+    """argparse type: a positive duration that `nanods train --time-budget` accepts."""
+    try:
+        parse_duration(text)
+    except NanodsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", default="3m", help="training time per variant (e.g. 90s, 3m)")
-    parser.add_argument("--out", default="runs/ablation", type=Path)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--budget", default="3m", type=duration,
+                        help="training time per variant, e.g. 90s (default 3m; the README's table: 8m, the budget of "
+                             "nanods train --scale small)")
+    parser.add_argument("--out", default="runs/ablation", type=Path,
+                        help="folder for the four runs and ablation.png (default runs/ablation); a variant's earlier "
+                             "run there is replaced only once its new run has finished")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args()
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a folder")
     args.out.mkdir(parents=True, exist_ok=True)
     results = [run_variant(a, f, args.budget, args.out) for a, f in VARIANTS]
     plot(results, args.out / "ablation.png")
@@ -81,4 +126,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted: the variant in training was discarded; earlier runs in --out are kept", file=sys.stderr)
+        sys.exit(130)

@@ -116,9 +116,29 @@ def measure_memory(side: str) -> int:
     return _status_bytes("VmHWM") - baseline
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def measure(name: str, side: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, idx: torch.Tensor,
+            new: int, compile: bool) -> float:
+    """Seconds of one run of the measure `name` on one side."""
+    if name.startswith("train"):
+        model.train()
+        dtype = torch.bfloat16 if name == BF16_TRAIN and side == "nanods" else torch.float32
+        return train_step(side, model, optimizer, idx, dtype)
+    model.eval()
+    if name.startswith("prefill"):
+        return prefill(side, model, idx)
+    return decode(side, model, idx, new, compile)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive, default=3, help="timed runs per measure and side (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--compile", action="store_true",
                         help="nanods decodes batch 1 through its torch.compile'd step (compiled once, before timing)")
@@ -128,10 +148,6 @@ def main() -> None:
     if args.memory_of:
         print(measure_memory(args.memory_of))
         return
-    sides = ("transformers", "nanods")
-    models = {side: build(side) for side in sides}
-    params = {side: sum(p.numel() for p in m.parameters()) for side, m in models.items()}
-    optimizers = {side: torch.optim.AdamW(m.parameters(), lr=1e-4) for side, m in models.items()}
     g = torch.Generator().manual_seed(0)
     train_batch = torch.randint(0, SHAPE["vocab"], (8, 257), generator=g)
     all_batches = {
@@ -146,29 +162,29 @@ def main() -> None:
     batches = {name: batch for name, batch in all_batches.items() if args.only is None or args.only in name}
     with_memory = args.only is None or args.only in MEMORY
     if not batches and not with_memory:
-        parser.error(f"--only {args.only!r} matches none of the measures")
+        parser.error(f"--only {args.only!r} matches none of: {', '.join(map(repr, [*all_batches, MEMORY]))}")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        sys.exit('compare_hf.py needs transformers: pip install -e ".[bench]"')
+    sides = ("transformers", "nanods")
+    models = {side: build(side) for side in sides}
+    params = {side: sum(p.numel() for p in m.parameters()) for side, m in models.items()}
+    optimizers = {side: torch.optim.AdamW(m.parameters(), lr=1e-4) for side, m in models.items()}
     times: dict[str, dict[str, list[float]]] = {name: {s: [] for s in sides} for name in batches}
     compile_s = None
     if args.compile and any(name.startswith("decode b1") for name in batches):  # compile outside the timed runs
         start = time.perf_counter()
         decode("nanods", models["nanods"].eval(), all_batches["decode b1 64+256"][0], 2, compile=True)
         compile_s = time.perf_counter() - start
-    for side in sides:  # warm up each path once
-        train_step(side, models[side], optimizers[side], all_batches["train 8x256"][0])
+    for name, (idx, _) in batches.items():  # warm up each measured path once on each side (2 decoded tokens)
+        for side in sides:
+            measure(name, side, models[side], optimizers[side], idx, 2, args.compile)
     for _ in range(args.repeats):
         for name, (idx, _) in batches.items():
             for side in sides:  # alternate: noise hits both sides alike
-                model = models[side]
-                if name.startswith("train"):
-                    model.train()
-                    dtype = torch.bfloat16 if name == BF16_TRAIN and side == "nanods" else torch.float32
-                    times[name][side].append(train_step(side, model, optimizers[side], idx, dtype))
-                else:
-                    model.eval()
-                    new = 256 if "256" in name else 64
-                    fn = prefill(side, model, idx) if name.startswith("prefill") else decode(side, model, idx, new,
-                                                                                                 args.compile)
-                    times[name][side].append(fn)
+                new = 256 if "256" in name else 64
+                times[name][side].append(measure(name, side, models[side], optimizers[side], idx, new, args.compile))
     rows = []
     for name, (_, work) in batches.items():
         rate = {s: work / statistics.median(times[name][s]) for s in sides}
@@ -179,7 +195,7 @@ def main() -> None:
         proc = subprocess.run([sys.executable, __file__, "--memory-of", side], capture_output=True, text=True, check=True)
         memory[side] = int(proc.stdout.strip().splitlines()[-1])
     result = {"shape": SHAPE, "params": params, "repeats": args.repeats, "threads": torch.get_num_threads(),
-              "nanods_compiled_decode": args.compile, "compile_s": compile_s,
+              "nanods_compiled_decode": compile_s is not None, "compile_s": compile_s,
               "rows": rows, "train_peak_memory_bytes": memory}
     if args.json:
         print(json.dumps(result, indent=2))
@@ -203,4 +219,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

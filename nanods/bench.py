@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from nanods.config import NanoDeepSeekConfig
+from nanods.errors import NanodsError
 from nanods.flops import count_parameters, flops_per_token
 from nanods.generate import compiled_decode_step
 from nanods.layers.ffn.dense import MLP
@@ -164,29 +165,36 @@ def bench_moe_vs_dense(config: NanoDeepSeekConfig, batch: int, seq: int, dtype: 
 
     steps = {"moe": run(moe), "dense": run(dense)}
     seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(max(repeats, 3) + 1):  # the first round warms up
+    rounds = max(repeats, 3)
+    for i in range(rounds + 1):  # the first round warms up
         for name, step in steps.items():
             t = timed(step, device, 1, warmup=0)["median"]
             if i:
                 seconds[name].append(t)
     t_moe, t_dense = statistics.median(seconds["moe"]), statistics.median(seconds["dense"])
     kernel = next(m for m in moe.modules() if isinstance(m, RoutedExperts)).kernel
-    return {"moe_s": t_moe, "dense_s": t_dense, "ratio": t_moe / t_dense, "kernel": kernel}
+    return {"moe_s": t_moe, "dense_s": t_dense, "ratio": t_moe / t_dense, "rounds": rounds, "kernel": kernel}
 
 
 def run(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, repeats: int = 5,
         train_batch: int = 8, train_seq: int = 256, prefill_seq: int = 512, new_tokens: int = 64,
-        long_context: int = 1024, compile: bool = False,
+        short_prompt: int = 64, long_context: int = 1024, compile: bool = False,
         progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """All measurements for one config; decode runs in `dtype` (weights cast), training under autocast.
 
-    compile=True adds batch-1 decode rows through `compiled_decode_step` (path "compiled").
+    compile=True adds batch-1 decode rows through `compiled_decode_step` (path "compiled"). Decode
+    rows take min(repeats, 3) runs each; a model whose context holds no longer prompt than the short
+    rows' gets no long-context row.
     """
     limit = config.sequence_len  # every length fits the model's context
+    if limit < 2:
+        raise NanodsError(f"bench decodes after a prompt: model.sequence_len must be at least 2, got {limit}")
     train_seq, prefill_seq, long_context = min(train_seq, limit), min(prefill_seq, limit), min(long_context, limit)
     new_tokens = min(new_tokens, long_context // 2)
+    decode_runs = min(repeats, 3)
     out: dict[str, Any] = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                           "threads": torch.get_num_threads(), "repeats": repeats}
+                           "threads": torch.get_num_threads(), "repeats": repeats, "decode_runs": decode_runs,
+                           "model": {"attention": config.attention, "ffn": config.ffn, "router": config.router}}
     progress("matmul peak")
     out["peak_flops"] = {name: matmul_peak(device, dt, seconds=1.0)
                          for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
@@ -209,15 +217,16 @@ def run(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, re
     out["matvec_bandwidth_bytes_per_s"] = matvec_bandwidth(model, device)
     decode = []
     paths = ["absorbed", "naive"] if config.use_mla else ["cache"]
-    short = min(64, long_context - new_tokens)
+    short = min(short_prompt, long_context - new_tokens)
     compiled = compiled_decode_step(model) if compile else None  # compiles on its first call, in the warm-up
-    for batch, prompt in ((1, short), (8, short), (1, long_context - new_tokens)):
+    prompts = [(1, short), (8, short)] + ([(1, long_context - new_tokens)] if long_context - new_tokens > short else [])
+    for batch, prompt in prompts:
         for path in paths + (["compiled"] if compile and batch == 1 else []):
             progress(f"decode batch {batch}, context {prompt + new_tokens}, {path}")
             for block in model.blocks:
                 if config.use_mla:
                     block.attn.absorb = "never" if path == "naive" else "auto"
-            rate = bench_decode(model, batch, prompt, new_tokens, device, max(2, repeats // 2),
+            rate = bench_decode(model, batch, prompt, new_tokens, device, decode_runs,
                                 compiled if path == "compiled" else None)
             roofline = bandwidth / decode_bytes_per_token(model, batch, prompt + new_tokens // 2, dtype)
             decode.append({"batch": batch, "context": prompt + new_tokens, "path": path, "tokens_per_s": rate,

@@ -50,7 +50,7 @@ def components(
 ) -> None:
     """List every registered attention, FFN and router, with the package that provides it.
 
-    Components come from entry points (groups nanods.attention, nanods.ffn, nanods.router);
+    Components come from entry points (groups nanods.attention, nanods.ffn, nanods.router).
     nanods' built-ins are registered the same way a plugin is. Nothing is imported unless --check.
     """
     from nanods import registry
@@ -217,10 +217,14 @@ def sample(
 # ---------------------------------------------------------------------------------------------
 @app.command()
 def bench(
-    scale: Annotated[str, typer.Option(help="Preset to measure: tiny, small, base, large.")] = "small",
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Project file whose model to measure "
+                                                   "\\[default: ./nanods.toml if present, else --scale small].")] = None,
+    scale: Annotated[Optional[str], typer.Option(help="Preset: tiny, small, base, large (overrides \\[model] scale).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (bf16 where native, else fp32), float32/fp32, bfloat16/bf16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    repeats: Annotated[int, typer.Option(help="Timed repeats per measurement (medians are reported).")] = 5,
+    repeats: Annotated[int, typer.Option(help="Timed runs of the train step and prefill; decode rows take "
+                                         "min(repeats, 3), the MoE row max(repeats, 3). Medians are reported, "
+                                         "min-max beside them.")] = 5,
     sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override a model key, e.g. --set model.attention=mha.")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="Also decode through the torch.compile'd step (batch 1; "
                                           "compiling takes tens of seconds).")] = False,
@@ -228,22 +232,23 @@ def bench(
 ) -> None:
     """Measure train step, prefill and decode speed, MFU and the decode roofline on this machine.
 
-    One process, one run: the matmul peak and read bandwidth are measured beside the model, so
-    the ratios (MFU, fraction of the roofline, MoE vs dense, absorbed vs naive MLA) are fair.
+    One process, one run: the matmul peak and read bandwidth are measured beside the model.
+    So MFU, the fraction of the roofline, MoE vs dense and absorbed vs naive MLA are fair ratios.
     """
     from nanods import bench as benchmarks
-    from nanods.config import resolve_project
+    from nanods.config import load_project, project_file
     from nanods.device import resolve_device, resolve_dtype
 
     if repeats < 1:
         raise NanodsError("--repeats must be at least 1")
-    config = resolve_project({}, scale=scale, sets=sets, where="--scale/--set").model
+    path = project_file(config)
+    model = load_project(path, scale=scale or (None if path else "small"), sets=sets).model
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     with err.status("measuring") as status:
-        result = benchmarks.run(config, torch_device, torch_dtype, repeats, compile=compile,
+        result = benchmarks.run(model, torch_device, torch_dtype, repeats, compile=compile,
                                 progress=lambda what: status.update(f"measuring {what}"))
-    result["scale"] = scale
+    result["scale"] = scale or (str(path) if path else "small")
     if as_json:
         _print_json(result)
         return
@@ -255,17 +260,19 @@ def _spread(rate: dict[str, float]) -> str:
 
 
 def _print_bench(r: dict[str, Any]) -> None:
-    table = Table(title=f"nanods bench: {r['scale']}, {r['dtype']} on {r['device']} ({r['threads']} threads), "
-                        f"medians of {r['repeats']} (spread)")
+    cfg = r["model"]
+    table = Table(title=f"nanods bench: {r['scale']} ({cfg['attention']} x {cfg['ffn']}), {r['dtype']} on {r['device']} "
+                        f"({r['threads']} threads); medians (min-max) of {r['repeats']} runs, decode {r['decode_runs']}")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("note")
     peaks = r["peak_flops"]
     table.add_row("matmul peak fp32 / bf16", f"{peaks['float32'] / 1e9:,.0f} / {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s",
                   "x @ W^T, 1024^2")
-    table.add_row("read bandwidth", f"{r['read_bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s", "sum over a weight-sized buffer")
+    table.add_row("read bandwidth", f"{r['read_bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s",
+                  "sum over a weight-sized buffer, fastest of 5")
     table.add_row("batch-1 matmul read rate", f"{r['matvec_bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s",
-                  "one row x every weight matrix (what bounds batch-1 decode)")
+                  "one row x every weight matrix (what bounds batch-1 decode), fastest of 5")
     t = r["train"]
     table.add_row(f"train step {t['batch']}x{t['seq']} tok/s", _spread(t["tokens_per_s"]),
                   f"MFU {100 * t['mfu']:.0f}% (optimizer included)")
@@ -276,7 +283,8 @@ def _print_bench(r: dict[str, Any]) -> None:
     if "moe_vs_dense" in r:
         m = r["moe_vs_dense"]
         table.add_row("MoE FFN fwd+bwd / active-dense twin", f"{m['ratio']:.2f}x",
-                      f"{m['moe_s'] * 1e3:.1f} ms vs {m['dense_s'] * 1e3:.1f} ms, kernel {m['kernel']}")
+                      f"{m['moe_s'] * 1e3:.1f} ms vs {m['dense_s'] * 1e3:.1f} ms, median of {m['rounds']} "
+                      f"alternating rounds, kernel {m['kernel']}")
     table.add_row("KV cache per token", _fmt_bytes(r["kv_cache_bytes_per_token"]), "all layers")
     table.add_row("parameters total / active", f"{r['params_total']:,} / {r['params_active']:,}", "")
     out.print(table)
@@ -309,8 +317,8 @@ def inspect(
 ) -> None:
     """Parameters (total and active per token), KV-cache bytes and FLOPs per token of a model.
 
-    A checkpoint is read from its header only (no tensor data); a .toml or --scale is built on
-    the meta device, so even `large` costs no memory.
+    A checkpoint is read from its header only (no tensor data).
+    A .toml or --scale is built on the meta device, so even `large` costs no memory.
     """
     from nanods.config import load_project, read_toml, resolve_project
     from nanods.device import DTYPES
@@ -411,4 +419,6 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))} (run with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(1)
+    if code == 130:  # typer turns Ctrl-C inside a command into exit code 130 before the handler above sees it
+        err.print("interrupted")
     sys.exit(code if isinstance(code, int) else 0)

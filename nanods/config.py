@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -319,8 +320,8 @@ def parse_duration(text: str) -> float:
         value = float(raw[:-1]) * units[raw[-1]] if raw and raw[-1] in units else float(raw)
     except ValueError:
         value = -1
-    if value <= 0:
-        raise NanodsError(f"time budget '{text}' is not a duration; use e.g. 90s, 5m or 1.5h")
+    if not (0 < value < math.inf):  # also refuses nan
+        raise NanodsError(f"time budget '{text}' is not a positive duration; use e.g. 90s, 5m or 1.5h")
     return value
 
 
@@ -445,9 +446,15 @@ def sample_defaults(path: str | Path = "nanods.toml") -> SampleSettings:
     return SampleSettings(**check_fields(table, f"[sample] of {path}", SampleSettings))
 
 
+def project_file(path: str | Path | None = None) -> Path | None:
+    """The project file a command reads: path when given, else ./nanods.toml when present, else None."""
+    if path is not None:
+        return Path(path)
+    return Path("nanods.toml") if Path("nanods.toml").is_file() else None
+
+
 def load_project(path: str | Path | None = None, **kwargs: Any) -> Project:
     """Read a nanods.toml (or ./nanods.toml when present) and resolve it."""
-    if path is None:
-        path = Path("nanods.toml") if Path("nanods.toml").is_file() else None
+    path = project_file(path)
     toml = read_toml(path) if path is not None else {}
     return resolve_project(toml, where=str(path or "defaults"), **kwargs)

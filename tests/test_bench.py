@@ -9,12 +9,13 @@ import torch
 from conftest import build, tiny_config
 
 from nanods.bench import decode_bytes_per_token, run
+from nanods.errors import NanodsError
 
 
 def tiny_run(**options) -> dict:
     """Every measurement on a tiny model with small shapes, once."""
-    return run(tiny_config(sequence_len=64), torch.device("cpu"), torch.float32, repeats=1,
-               train_batch=2, train_seq=32, prefill_seq=32, new_tokens=4, long_context=64, **options)
+    return run(tiny_config(sequence_len=64), torch.device("cpu"), torch.float32, repeats=1, train_batch=2,
+               train_seq=32, prefill_seq=32, new_tokens=4, short_prompt=8, long_context=64, **options)
 
 
 def test_bench_reports_every_measurement():
@@ -22,12 +23,24 @@ def test_bench_reports_every_measurement():
     assert result["peak_flops"]["float32"] > 0 and result["read_bandwidth_bytes_per_s"] > 0
     assert result["matvec_bandwidth_bytes_per_s"] > 0
     assert 0 < result["train"]["mfu"] and result["train"]["tokens_per_s"]["median"] > 0
-    paths = {(d["batch"], d["path"]) for d in result["decode"]}
-    assert paths == {(1, "absorbed"), (1, "naive"), (8, "absorbed"), (8, "naive")}
+    rows = [(d["batch"], d["context"], d["path"]) for d in result["decode"]]
+    assert rows == [(batch, context, path) for batch, context in ((1, 12), (8, 12), (1, 64))
+                    for path in ("absorbed", "naive")]
+    assert result["decode_runs"] == 1 and result["moe_vs_dense"]["rounds"] == 3
+    assert result["model"] == {"attention": "mla", "ffn": "moe", "router": "sigmoid"}
     for d in result["decode"]:
         t = d["tokens_per_s"]
         assert t["low"] <= t["median"] <= t["high"] and d["roofline_fraction"] == t["median"] / d["roofline_tokens_per_s"]
     assert result["moe_vs_dense"]["ratio"] > 0
+
+
+def test_short_contexts_get_no_duplicate_or_empty_decode_rows(monkeypatch):
+    monkeypatch.setattr("nanods.bench.matmul_peak", lambda *a, **k: 1e9)  # the shapes matter here, not the speed
+    result = run(tiny_config(sequence_len=16, ffn="dense"), torch.device("cpu"), torch.float32, repeats=1,
+                 train_batch=1, train_seq=8, prefill_seq=8)
+    assert {d["context"] for d in result["decode"]} == {16}  # 8 + 8 new: no long row of the same length
+    with pytest.raises(NanodsError, match="sequence_len must be at least 2"):
+        run(tiny_config(sequence_len=1), torch.device("cpu"), torch.float32, repeats=1)
 
 
 def test_decode_bytes_count_weights_experts_and_cache():
@@ -51,3 +64,36 @@ def test_bench_cli_json():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["scale"] == "tiny"
+
+
+def bench_cli(args, monkeypatch, capsys, run=None) -> tuple[int, str, str]:
+    """`nanods bench` in this process with nanods.bench.run replaced -> (exit code, stdout, stderr)."""
+    from nanods.cli import main
+
+    monkeypatch.setattr("nanods.bench.run", run)
+    with pytest.raises(SystemExit) as info:
+        main(["bench", *args])
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def test_bench_measures_the_project_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "nanods.toml").write_text('[model]\nscale = "tiny"\nattention = "mha"\nffn = "dense"\n')
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    code, out, err = bench_cli(["--json", "--dtype", "float32"], monkeypatch, capsys,
+                               run=lambda config, *args, **kwargs: seen.append(config) or {})
+    assert code == 0, err
+    assert (seen[0].attention, seen[0].ffn, seen[0].n_layer) == ("mha", "dense", 2)
+    assert json.loads(out) == {"scale": "nanods.toml"}
+    bench_cli(["--json", "--scale", "small", "--set", "model.attention=mla"], monkeypatch, capsys,
+              run=lambda config, *args, **kwargs: seen.append(config) or {})
+    assert (seen[1].attention, seen[1].ffn, seen[1].n_layer) == ("mla", "dense", 6)  # --scale overrides the file's
+
+
+def test_bench_ctrl_c_says_interrupted(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    code, out, err = bench_cli(["--scale", "tiny", "--json"], monkeypatch, capsys, run=interrupted)
+    assert code == 130 and out == "" and err.strip() == "interrupted"

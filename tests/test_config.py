@@ -7,7 +7,14 @@ import json
 import pytest
 
 from nanods import NanoDeepSeekConfig
-from nanods.config import PRESETS, parse_set, preset, read_toml, resolve_project
+from nanods.config import (
+    PRESETS,
+    parse_duration,
+    parse_set,
+    preset,
+    read_toml,
+    resolve_project,
+)
 from nanods.errors import NanodsError
 
 # ---------------------------------------------------------------------------------------------
@@ -353,3 +360,14 @@ def test_from_dict_rejects_unknown_key():
 def test_from_dict_rejects_wrong_type():
     with pytest.raises(NanodsError, match=r"'n_embd'"):
         NanoDeepSeekConfig.from_dict({"n_embd": "768"})
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("5m", 300), ("1.5h", 5400), ("45", 45), (" 2M ", 120)])
+def test_time_budget_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "0s", "-5m", "abc", "m", "", "nan", "inf"])
+def test_time_budget_must_be_a_positive_duration(text):
+    with pytest.raises(NanodsError, match="is not a positive duration; use e.g. 90s"):
+        parse_duration(text)
