@@ -27,6 +27,7 @@ def test_bench_reports_every_measurement():
     assert rows == [(batch, context, path) for batch, context in ((1, 12), (8, 12), (1, 64))
                     for path in ("absorbed", "naive")]
     assert result["decode_runs"] == 1 and result["moe_vs_dense"]["rounds"] == 3
+    assert result["moe_vs_dense"]["kernel"] == "loop"  # what `auto` picks on CPU, not "auto"
     assert result["model"] == {"attention": "mla", "ffn": "moe", "router": "sigmoid"}
     for d in result["decode"]:
         t = d["tokens_per_s"]
