@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,25 +23,43 @@ from nanods.config import parse_duration
 from nanods.errors import NanodsError
 
 VARIANTS = [("mha", "dense"), ("mha", "moe"), ("mla", "dense"), ("mla", "moe")]
+RUN_FILE = re.compile(r"ckpt\.safetensors|metrics\.jsonl|loss\.png|train_state_\d+\.safetensors")
 
 
 def run_variant(attention: str, ffn: str, budget: str, out: Path) -> dict:
-    """Train one variant into a hidden folder and, once it has finished, swap it in for the variant's old run."""
-    name = f"{attention}-{ffn}"
-    partial = out / f".{name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)  # left behind by a killed run
+    """Train one variant into out/<attention>-<ffn>; its previous run there waits aside until this one has finished."""
+    run_dir = out / f"{attention}-{ffn}"
+    previous = out / f".{run_dir.name}.previous"
+    restore(run_dir, previous)  # left aside by an ablation that was killed
+    if run_dir.exists():
+        run_dir.rename(previous)
     cmd = [sys.executable, "-m", "nanods", "train", "--scale", "small", "--attention", attention, "--ffn", ffn,
-           "--time-budget", budget, "--out", str(partial), "--set", "train.sample_tokens=0",
+           "--time-budget", budget, "--out", str(run_dir), "--set", "train.sample_tokens=0",
            "--set", "train.eval_every=25"]
     try:
         code = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
         if code:  # nanods train printed its one-line error
-            raise SystemExit(f"ablation stopped: training {name} failed (nanods train exited with {code})")
-        result = read_run(attention, ffn, partial)
-        replace_dir(partial, out / name)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+            raise SystemExit(f"ablation stopped: training {run_dir.name} failed (nanods train exited with {code})")
+        result = read_run(attention, ffn, run_dir)
+    except BaseException:
+        restore(run_dir, previous)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
     return result
+
+
+def restore(run_dir: Path, previous: Path) -> None:
+    """Put a previous run set aside back in place of an unfinished one (nothing to do without one)."""
+    if previous.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        previous.rename(run_dir)
+
+
+def foreign_files(out: Path) -> list[Path]:
+    """Files in the variants' folders under out that no nanods run writes (a replaced run takes its folder along)."""
+    dirs = [out / f"{a}-{f}" for a, f in VARIANTS]
+    return [p for d in dirs if d.is_dir() for p in sorted(d.iterdir()) if not RUN_FILE.fullmatch(p.name)] + \
+        [d for d in dirs if d.exists() and not d.is_dir()]
 
 
 def read_run(attention: str, ffn: str, run_dir: Path) -> dict:
@@ -47,6 +67,8 @@ def read_run(attention: str, ffn: str, run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "tok_per_s" in r]
     evals = [r for r in rows if "val_bpb" in r]
+    if not evals:  # nanods train stops early, without an error, when it alone gets a Ctrl-C or SIGTERM
+        raise SystemExit(f"ablation stopped: {run_dir.name} ended before its first evaluation")
     time_at = {r["step"]: r["time"] for r in steps}
     info = json.loads(subprocess.run([sys.executable, "-m", "nanods", "inspect", str(run_dir / "ckpt.safetensors"),
                                       "--json"], check=True, capture_output=True, text=True).stdout)
@@ -55,16 +77,6 @@ def read_run(attention: str, ffn: str, run_dir: Path) -> dict:
             "params_active": info["params_active"], "params_total": info["params_total"],
             "kv_cache_bytes_per_token": info["kv_cache_bytes_per_token"],
             "curve": [(time_at[r["step"]], r["val_bpb"]) for r in evals]}
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Put folder new at target; an old target is moved aside first and deleted only after."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -106,6 +118,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a folder")
+    if foreign := foreign_files(args.out):
+        parser.error(f"{', '.join(map(str, foreign[:3]))}: not part of a nanods run, so replacing that variant's "
+                     "run would delete it; move it or pick another --out")
     args.out.mkdir(parents=True, exist_ok=True)
     results = [run_variant(a, f, args.budget, args.out) for a, f in VARIANTS]
     plot(results, args.out / "ablation.png")
@@ -125,9 +140,15 @@ def main() -> None:
     Console().print(table)
 
 
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         main()
     except KeyboardInterrupt:
-        print("interrupted: the variant in training was discarded; earlier runs in --out are kept", file=sys.stderr)
+        print("interrupted: a variant still training was discarded, and its previous run (if any) put back",
+              file=sys.stderr)
         sys.exit(130)

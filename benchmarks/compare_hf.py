@@ -164,9 +164,9 @@ def main() -> None:
     if not batches and not with_memory:
         parser.error(f"--only {args.only!r} matches none of: {', '.join(map(repr, [*all_batches, MEMORY]))}")
     try:
-        import transformers  # noqa: F401
+        from transformers import DeepseekV3ForCausalLM  # noqa: F401
     except ImportError:
-        sys.exit('compare_hf.py needs transformers: pip install -e ".[bench]"')
+        sys.exit('compare_hf.py needs transformers with DeepseekV3 (>= 5.24): pip install -e ".[bench]"')
     sides = ("transformers", "nanods")
     models = {side: build(side) for side in sides}
     params = {side: sum(p.numel() for p in m.parameters()) for side, m in models.items()}

@@ -222,7 +222,7 @@ def bench(
     scale: Annotated[Optional[str], typer.Option(help="Preset: tiny, small, base, large (overrides \\[model] scale).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (bf16 where native, else fp32), float32/fp32, bfloat16/bf16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    repeats: Annotated[int, typer.Option(help="Timed runs of the train step and prefill; decode rows take "
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs of the train step and prefill; decode rows take "
                                          "min(repeats, 3), the MoE row max(repeats, 3). Medians are reported, "
                                          "min-max beside them.")] = 5,
     sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override a model key, e.g. --set model.attention=mha.")] = None,
@@ -239,8 +239,6 @@ def bench(
     from nanods.config import load_project, project_file
     from nanods.device import resolve_device, resolve_dtype
 
-    if repeats < 1:
-        raise NanodsError("--repeats must be at least 1")
     path = project_file(config)
     model = load_project(path, scale=scale or (None if path else "small"), sets=sets).model
     torch_device = resolve_device(device)
@@ -248,7 +246,7 @@ def bench(
     with err.status("measuring") as status:
         result = benchmarks.run(model, torch_device, torch_dtype, repeats, compile=compile,
                                 progress=lambda what: status.update(f"measuring {what}"))
-    result["scale"] = scale or (str(path) if path else "small")
+    result["scale"] = " + ".join([*([scale] if scale else []), *([str(path)] if path else [])]) or "small"
     if as_json:
         _print_json(result)
         return

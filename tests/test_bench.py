@@ -39,7 +39,8 @@ def test_short_contexts_get_no_duplicate_or_empty_decode_rows(monkeypatch):
     monkeypatch.setattr("nanods.bench.matmul_peak", lambda *a, **k: 1e9)  # the shapes matter here, not the speed
     result = run(tiny_config(sequence_len=16, ffn="dense"), torch.device("cpu"), torch.float32, repeats=1,
                  train_batch=1, train_seq=8, prefill_seq=8)
-    assert {d["context"] for d in result["decode"]} == {16}  # 8 + 8 new: no long row of the same length
+    rows = [(d["batch"], d["context"], d["path"]) for d in result["decode"]]
+    assert rows == [(1, 16, "absorbed"), (1, 16, "naive"), (8, 16, "absorbed"), (8, 16, "naive")]  # no long row
     with pytest.raises(NanodsError, match="sequence_len must be at least 2"):
         run(tiny_config(sequence_len=1), torch.device("cpu"), torch.float32, repeats=1)
 
@@ -87,9 +88,10 @@ def test_bench_measures_the_project_file(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     assert (seen[0].attention, seen[0].ffn, seen[0].n_layer) == ("mha", "dense", 2)
     assert json.loads(out) == {"scale": "nanods.toml"}
-    bench_cli(["--json", "--scale", "small", "--set", "model.attention=mla"], monkeypatch, capsys,
-              run=lambda config, *args, **kwargs: seen.append(config) or {})
+    code, out, err = bench_cli(["--json", "--scale", "small", "--set", "model.attention=mla"], monkeypatch, capsys,
+                               run=lambda config, *args, **kwargs: seen.append(config) or {})
     assert (seen[1].attention, seen[1].ffn, seen[1].n_layer) == ("mla", "dense", 6)  # --scale overrides the file's
+    assert json.loads(out) == {"scale": "small + nanods.toml"}  # the file's other [model] keys still apply
 
 
 def test_bench_ctrl_c_says_interrupted(monkeypatch, capsys):

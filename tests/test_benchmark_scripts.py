@@ -38,33 +38,62 @@ def test_ablation_refuses_a_file_as_out(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
-def test_ablation_interrupted_variant_keeps_the_previous_run(tmp_path, monkeypatch):
+def test_ablation_refuses_to_delete_files_that_are_not_a_run(tmp_path):
+    (tmp_path / "mla-moe").mkdir()
+    (tmp_path / "mla-moe" / "metrics.jsonl").write_text("")
+    (tmp_path / "mla-moe" / "notes.txt").write_text("keep me")
+    proc = script("ablation.py", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "mla-moe/notes.txt: not part of a nanods run" in proc.stderr
+    assert (tmp_path / "mla-moe" / "notes.txt").read_text() == "keep me"
+
+
+def fake_training(returncode: int = 0, interrupt: bool = False):
+    """A stand-in for subprocess.run(nanods train ...) that writes half a run into --out."""
+    def run(cmd, **kwargs):
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir()
+        (out / "metrics.jsonl").write_text("new run\n")
+        if interrupt:
+            raise KeyboardInterrupt
+        return subprocess.CompletedProcess(cmd, returncode)
+    return run
+
+
+def previous_run(root: Path) -> Path:
+    (root / "mha-dense").mkdir()
+    (root / "mha-dense" / "metrics.jsonl").write_text("previous run\n")
+    return root / "mha-dense" / "metrics.jsonl"
+
+
+@pytest.mark.parametrize("failure", ["interrupt", "error"])
+def test_ablation_unfinished_variant_keeps_the_previous_run(failure, tmp_path, monkeypatch):
     ablation = load("ablation.py")
-    old = tmp_path / "mha-dense"
-    old.mkdir()
-    (old / "metrics.jsonl").write_text("previous run\n")
+    metrics = previous_run(tmp_path)
+    monkeypatch.setattr(ablation.subprocess, "run", fake_training(1, interrupt=failure == "interrupt"))
+    with pytest.raises(KeyboardInterrupt if failure == "interrupt" else SystemExit):
+        ablation.run_variant("mha", "dense", "1m", tmp_path)
+    assert metrics.read_text() == "previous run\n" and [p.name for p in tmp_path.iterdir()] == ["mha-dense"]
 
-    def interrupted_training(cmd, **kwargs):
-        partial = Path(cmd[cmd.index("--out") + 1])
-        partial.mkdir()
-        (partial / "metrics.jsonl").write_text("half a run\n")
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(ablation.subprocess, "run", interrupted_training)
+def test_ablation_finished_variant_replaces_the_previous_run(tmp_path, monkeypatch):
+    ablation = load("ablation.py")
+    metrics = previous_run(tmp_path)
+    monkeypatch.setattr(ablation.subprocess, "run", fake_training())
+    monkeypatch.setattr(ablation, "read_run", lambda *args: {"val_bpb": 1.0})
+    assert ablation.run_variant("mha", "dense", "1m", tmp_path) == {"val_bpb": 1.0}
+    assert metrics.read_text() == "new run\n" and [p.name for p in tmp_path.iterdir()] == ["mha-dense"]
+
+
+def test_ablation_puts_back_a_run_a_killed_ablation_left_aside(tmp_path, monkeypatch):
+    ablation = load("ablation.py")
+    metrics = previous_run(tmp_path)
+    (tmp_path / "mha-dense").rename(tmp_path / ".mha-dense.previous")  # killed while training a new one
+    (tmp_path / "mha-dense").mkdir()
+    (tmp_path / "mha-dense" / "metrics.jsonl").write_text("half a run\n")
+    monkeypatch.setattr(ablation.subprocess, "run", fake_training(interrupt=True))
     with pytest.raises(KeyboardInterrupt):
         ablation.run_variant("mha", "dense", "1m", tmp_path)
-    assert (old / "metrics.jsonl").read_text() == "previous run\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["mha-dense"]  # no partial folder left
-
-
-def test_ablation_finished_variant_replaces_the_previous_run(tmp_path):
-    ablation = load("ablation.py")
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "stale").write_text("")
-    (tmp_path / "new").mkdir()
-    (tmp_path / "new" / "fresh").write_text("")
-    ablation.replace_dir(tmp_path / "new", tmp_path / "old")
-    assert [p.name for p in tmp_path.iterdir()] == ["old"] and [p.name for p in (tmp_path / "old").iterdir()] == ["fresh"]
+    assert metrics.read_text() == "previous run\n" and [p.name for p in tmp_path.iterdir()] == ["mha-dense"]
 
 
 @pytest.mark.parametrize("args,error", [(["--repeats", "0"], "must be a whole number >= 1"),
@@ -76,4 +105,5 @@ def test_compare_hf_bad_input_fails_before_any_work(args, error):
 
 def test_compare_hf_without_transformers_says_what_to_install():
     proc = script("compare_hf.py", "--only", "prefill", prelude="sys.modules['transformers'] = None")
-    assert proc.returncode == 1 and proc.stderr.strip() == 'compare_hf.py needs transformers: pip install -e ".[bench]"'
+    assert proc.returncode == 1 and proc.stderr.strip() == ('compare_hf.py needs transformers with DeepseekV3 (>= 5.24): '
+                                                     'pip install -e ".[bench]"')
