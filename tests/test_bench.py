@@ -61,9 +61,9 @@ def test_bench_compiled_decode_rows():
 
 
 @pytest.mark.slow
-def test_bench_cli_json():
+def test_bench_cli_json(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nanods", "bench", "--scale", "tiny", "--repeats", "1", "--json"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # no nanods.toml there
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["scale"] == "tiny"
 
