@@ -57,9 +57,14 @@ def restore(run_dir: Path, previous: Path) -> None:
 
 def foreign_files(out: Path) -> list[Path]:
     """Files in the variants' folders under out that no nanods run writes (a replaced run takes its folder along)."""
-    dirs = [out / f"{a}-{f}" for a, f in VARIANTS]
-    return [p for d in dirs if d.is_dir() for p in sorted(d.iterdir()) if not RUN_FILE.fullmatch(p.name)] + \
-        [d for d in dirs if d.exists() and not d.is_dir()]
+    found = []
+    for attention, ffn in VARIANTS:
+        folder = out / f"{attention}-{ffn}"
+        if folder.is_dir():
+            found += [p for p in sorted(folder.iterdir()) if not RUN_FILE.fullmatch(p.name)]
+        elif folder.exists():
+            found.append(folder)
+    return found
 
 
 def read_run(attention: str, ffn: str, run_dir: Path) -> dict:

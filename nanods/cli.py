@@ -246,7 +246,7 @@ def bench(
     with err.status("measuring") as status:
         result = benchmarks.run(model, torch_device, torch_dtype, repeats, compile=compile,
                                 progress=lambda what: status.update(f"measuring {what}"))
-    result["scale"] = " + ".join([*([scale] if scale else []), *([str(path)] if path else [])]) or "small"
+    result["scale"] = " + ".join(filter(None, [scale, path and str(path)])) or "small"
     if as_json:
         _print_json(result)
         return
