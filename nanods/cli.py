@@ -404,8 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except (*_click_classes("Abort"), KeyboardInterrupt):
-        err.print("interrupted")
-        sys.exit(130)
+        code = 130
     except NanodsError as e:
         if debug:
             raise
@@ -417,6 +416,6 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[bold red]error:[/] {type(e).__name__}: {escape(str(e))} (run with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(1)
-    if code == 130:  # typer turns Ctrl-C inside a command into exit code 130 before the handler above sees it
+    if code == 130:  # Ctrl-C: raised, or inside a command already turned into this exit code by typer
         err.print("interrupted")
     sys.exit(code if isinstance(code, int) else 0)

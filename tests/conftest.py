@@ -22,3 +22,13 @@ def float64():
 def build(seed: int = 0, **overrides) -> NanoDeepSeek:
     torch.manual_seed(seed)
     return NanoDeepSeek(tiny_config(**overrides))
+
+
+def main_in_process(args, capsys):
+    """nanods.cli.main(args) in this process -> (exit code, stdout, stderr)."""
+    from nanods.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import build, tiny_config
+from conftest import build, main_in_process, tiny_config
 
 from nanods.bench import decode_bytes_per_token, run
 from nanods.errors import NanodsError
@@ -70,13 +70,8 @@ def test_bench_cli_json(tmp_path):
 
 def bench_cli(args, monkeypatch, capsys, run=None) -> tuple[int, str, str]:
     """`nanods bench` in this process with nanods.bench.run replaced -> (exit code, stdout, stderr)."""
-    from nanods.cli import main
-
     monkeypatch.setattr("nanods.bench.run", run)
-    with pytest.raises(SystemExit) as info:
-        main(["bench", *args])
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
+    return main_in_process(["bench", *args], capsys)
 
 
 def test_bench_measures_the_project_file(tmp_path, monkeypatch, capsys):

@@ -10,10 +10,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import main_in_process
 
 import nanods
 from nanods import registry
-from nanods.cli import main as cli_main
 from nanods.config import PRESETS, load_project
 from nanods.errors import NanodsError
 
@@ -169,14 +169,6 @@ def test_init_scale_tiny(cli):
     cfg = load_project(path).model  # in-process: the CLI's `inspect FILE` resolves it this same way
     for key, value in PRESETS["tiny"].items():
         assert getattr(cfg, key) == value, key
-
-
-def main_in_process(args, capsys):
-    """nanods.cli.main(args) in this process -> (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as info:
-        cli_main(args)
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
 
 
 def test_init_unknown_scale_writes_nothing(tmp_path, monkeypatch, capsys):
