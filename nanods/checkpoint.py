@@ -79,6 +79,30 @@ def save(out_dir: str | Path, weights: NanoDeepSeek | dict[str, torch.Tensor], c
     return path
 
 
+_REQUIRED = object()
+
+
+def metadata_json(metadata: dict[str, str], key: str, path: str | Path, default: Any = _REQUIRED) -> Any:
+    """The JSON value stored under `key` (or `default` when absent); damage is an error naming the file."""
+    if key not in metadata:
+        if default is _REQUIRED:
+            raise NanodsError(f"'{path}' lacks its {key} metadata: it is damaged or was not written by nanods")
+        return default
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as e:
+        raise NanodsError(f"'{path}' is damaged: its {key} metadata is not valid JSON ({e.msg})") from None
+
+
+def metadata_step(metadata: dict[str, str], path: str | Path) -> int:
+    """nanods.step: the optimizer steps a file's run had completed (0 when absent)."""
+    step = metadata_json(metadata, "nanods.step", path, 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise NanodsError(f"'{path}' is damaged: its nanods.step metadata is {metadata['nanods.step']!r}, "
+                          "not a step count")
+    return step
+
+
 def config_from_metadata(metadata: dict[str, str], path: str | Path) -> NanoDeepSeekConfig:
     """The stored config, with each component resolved to the package that trained it."""
     if "nanods.config" not in metadata:
