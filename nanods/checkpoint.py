@@ -8,6 +8,7 @@ it always has its matching state beside it. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import re
 from pathlib import Path
@@ -62,17 +63,29 @@ def _weights(state: dict[str, torch.Tensor], config: NanoDeepSeekConfig) -> dict
 
 def save(out_dir: str | Path, weights: NanoDeepSeek | dict[str, torch.Tensor], config: NanoDeepSeekConfig,
          tokenizer: Tokenizer, step: int, data: dict[str, Any], train_state: dict[str, torch.Tensor],
-         train_meta: dict[str, Any], expert_load: list[list[float]] | None = None) -> Path:
-    """Save weights (a model or its full state dict) and training state for `step`; returns the weights path."""
+         train_meta: dict[str, Any], expert_load: list[list[float]] | None = None, run_id: str = "") -> Path:
+    """Save weights (a model or its full state dict) and training state for `step`; returns the weights path.
+
+    Both files record `run_id`, so a state file is only ever resumed beside the weights of its own run.
+    A failed write removes the state file it had just added: the previous pair stays as it was.
+    """
     if isinstance(weights, NanoDeepSeek):
         weights = weights.state_dict()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     new_state = state_path(out_dir, step)
-    atomic_write(new_state, save_bytes({k: v.contiguous() for k, v in train_state.items()},
-                                       {"nanods.train": json.dumps(train_meta), "nanods.step": str(step)}))
-    path = out_dir / WEIGHTS
-    atomic_write(path, save_bytes(_weights(weights, config), weights_metadata(config, tokenizer, step, data, expert_load)))
+    added = not new_state.exists()
+    try:
+        atomic_write(new_state, save_bytes({k: v.contiguous() for k, v in train_state.items()},
+                                           {"nanods.train": json.dumps(train_meta), "nanods.step": str(step),
+                                            "nanods.run": run_id}))
+        meta = weights_metadata(config, tokenizer, step, data, expert_load) | {"nanods.run": run_id}
+        path = out_dir / WEIGHTS
+        atomic_write(path, save_bytes(_weights(weights, config), meta))
+    except BaseException:
+        if added:
+            new_state.unlink(missing_ok=True)
+        raise
     for old in out_dir.glob("train_state_*.safetensors"):
         if old != new_state and _STATE.search(old.name):
             old.unlink(missing_ok=True)
@@ -107,10 +120,16 @@ def config_from_metadata(metadata: dict[str, str], path: str | Path) -> NanoDeep
     """The stored config, with each component resolved to the package that trained it."""
     if "nanods.config" not in metadata:
         raise NanodsError(f"'{path}' has no nanods metadata (nanods.config): it was not written by nanods")
-    config = NanoDeepSeekConfig.from_dict(json.loads(metadata["nanods.config"]), f"nanods.config of {path}")
-    provided = json.loads(metadata.get("nanods.components", "{}"))
+    values = metadata_json(metadata, "nanods.config", path)
+    if not isinstance(values, dict):
+        raise NanodsError(f"'{path}' is damaged: its nanods.config metadata is not a JSON object")
+    config = NanoDeepSeekConfig.from_dict(values, f"nanods.config of {path}")
+    provided = metadata_json(metadata, "nanods.components", path, {})
+    if not isinstance(provided, dict) or not all(isinstance(v, dict) for v in provided.values()):
+        raise NanodsError(f"'{path}' is damaged: its nanods.components metadata is not a JSON object of objects")
     for group, name in registry.selected(config).items():
-        dist = provided.get(group, {}).get("dist")
+        recorded = provided.get(group, {})
+        dist = recorded.get("dist") if isinstance(recorded.get("dist"), str) else None
         offered = {c.dist for c in registry.components(group) if c.name == name.rpartition(":")[2]}
         if dist and dist in offered and len(offered) > 1:
             setattr(config, group, f"{dist}:{name.rpartition(':')[2]}")  # two packages offer it: take the recorded one
@@ -118,14 +137,41 @@ def config_from_metadata(metadata: dict[str, str], path: str | Path) -> NanoDeep
             raise NanodsError(f"'{path}' was trained with {group} '{name}' from package '{dist}', but here it comes "
                               f"from {', '.join(sorted(offered))}: pip install {dist}")
         elif not offered:
-            package = dist or "the package that provides it"
-            raise NanodsError(f"'{path}' needs {group} '{name}' from package '{package}', which is not installed: "
-                              f"pip install {package}")
+            raise NanodsError(f"'{path}' needs {group} '{name}'{_missing_from(dist, recorded.get('version'))}")
     return config
 
 
+def _missing_from(dist: str | None, version: Any) -> str:
+    """Why a recorded component is missing here, and the install that brings it back."""
+    if not dist:
+        return ", which no installed package offers (see `nanods components`)"
+    try:
+        installed = md.version(dist)
+    except md.PackageNotFoundError:
+        return f" from package '{dist}', which is not installed: pip install {dist}"
+    wanted = f"{dist}=={version}" if isinstance(version, str) and version else dist
+    again = "--force-reinstall " if installed == version else ""  # the same version: its install is damaged
+    return (f" from package '{dist}'; {dist} {installed} is installed but offers no such component "
+            f"(the file was written with version {version}): pip install {again}'{wanted}'")
+
+
+def check_tensor(path: str | Path, name: str, tensor: torch.Tensor, shape: tuple[int, ...] | torch.Size,
+                 dtype: torch.dtype) -> None:
+    """Refuse, naming the file and the tensor, a tensor that is not what the reader expects, before any use."""
+    if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        raise NanodsError(f"'{path}' does not fit this model: tensor '{name}' is {_describe(tensor.shape, tensor.dtype)}, "
+                          f"expected {_describe(shape, dtype)}")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise NanodsError(f"'{path}' is damaged: tensor '{name}' holds NaN or infinite values")
+
+
+def _describe(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> str:
+    return f"{list(shape)} {str(dtype).removeprefix('torch.')}"
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[NanoDeepSeek, Tokenizer]:
-    """A checkpoint -> (model in eval mode, tokenizer). Reads tensors with safetensors only (no pickle)."""
+    """A checkpoint -> (model in eval mode, tokenizer). Reads tensors with safetensors only (no pickle),
+    and checks every name, shape, dtype and value against the model its config describes before use."""
     path = Path(path)
     _, metadata = read_header(path)
     config = config_from_metadata(metadata, path)
@@ -133,20 +179,26 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[NanoDeep
     if config.use_moe and stored != FORMAT:
         raise NanodsError(f"'{path}' stores routed experts in checkpoint format {stored} (E, in, out); "
                           f"this nanods reads format {FORMAT} (E, out, in): train it again")
-    tokenizer = Tokenizer.from_json(metadata["nanods.tokenizer"])
+    if "nanods.tokenizer" not in metadata:
+        raise NanodsError(f"'{path}' lacks its nanods.tokenizer metadata: it is damaged or was not written by nanods")
+    try:
+        tokenizer = Tokenizer.from_json(metadata["nanods.tokenizer"])
+    except NanodsError as e:
+        raise NanodsError(f"'{path}': {e}") from None
     with torch.device("meta"):
         model = NanoDeepSeek(config)
-    state = load_file(path)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:  # shape mismatches, e.g. a file written with another tensor layout
-        problem = str(e).strip().splitlines()[-1].strip()
-        raise NanodsError(f"'{path}' does not match its config: {problem}") from None
+    expected = model.state_dict()  # names, shapes and dtypes, nothing allocated
     if config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-        missing = [k for k in missing if k != "lm_head.weight"]
+        expected.pop("lm_head.weight")  # the file stores the shared matrix once, as embed.weight
+    state = load_file(path)
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise NanodsError(f"'{path}' does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in state.items():
+        check_tensor(path, name, tensor, expected[name].shape, expected[name].dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
     _materialize_buffers(model)
     return model.to(device).eval(), tokenizer
 
@@ -159,11 +211,20 @@ def _materialize_buffers(model: NanoDeepSeek) -> None:
                 module.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype), persistent=False)
 
 
-def latest_state(out_dir: Path, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The training state matching the weights' step."""
+def latest_state(out_dir: Path, step: int, run_id: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The training state that pairs with the weights of run `run_id` at `step` (tensors unchecked: the
+    optimizers that take them check them)."""
     path = state_path(out_dir, step)
     if not path.is_file():
         raise NanodsError(f"no training state for step {step} in '{out_dir}' ({path.name} is missing); "
-                          "start a new run with --init-from instead")
+                          "start a new run from the weights with --init-from instead")
     _, metadata = read_header(path)
-    return load_file(path), json.loads(metadata["nanods.train"])
+    if metadata.get("nanods.run", "") != run_id or metadata_step(metadata, path) != step:
+        raise NanodsError(f"'{path}' belongs to another run than '{out_dir / WEIGHTS}' (run "
+                          f"{metadata.get('nanods.run') or 'unrecorded'}, step {metadata.get('nanods.step')}; the "
+                          f"weights are run {run_id or 'unrecorded'}, step {step}); start a new run from the "
+                          "weights with --init-from instead")
+    meta = metadata_json(metadata, "nanods.train", path)
+    if not isinstance(meta, dict):
+        raise NanodsError(f"'{path}' is damaged: its nanods.train metadata is not a JSON object")
+    return load_file(path), meta

@@ -12,10 +12,10 @@ from typing import Annotated, Any, Optional
 import click
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from nanods.errors import NanodsError
+from nanods.terminal import escape, printable
 
 app = typer.Typer(
     name="nanods",
@@ -64,7 +64,7 @@ def components(
         table.add_column(col)
     for r in rows:
         imports = "-" if "imports" not in r else ("[green]yes[/]" if r["imports"] else f"[red]no[/]: {escape(r['error'])}")
-        table.add_row(r["group"], r["name"], r["package"], r["version"], imports, r["target"])
+        table.add_row(*(escape(r[k]) for k in ("group", "name", "package", "version")), imports, escape(r["target"]))
     out.print(table)
     if not check:
         err.print("[dim]imports: not checked; run `nanods components --check` to import each one[/]")
@@ -85,7 +85,7 @@ def init(
         raise NanodsError(f"'{path}' already exists; pass --force to overwrite it")
     text = resources.files("nanods").joinpath("templates/nanods.toml").read_text(encoding="utf-8")
     path.write_text(text.replace("{scale}", scale), encoding="utf-8")
-    err.print(f"wrote {path}; edit it, then run `nanods train`")
+    err.print(f"wrote {escape(path)}; edit it, then run `nanods train`")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +133,11 @@ def sample(
     ckpt: Annotated[Path, typer.Argument(help="A checkpoint written by nanods train.")],
     prompt: Annotated[Optional[str], typer.Option(help="Text to continue \\[default: stdin if piped, else a new document].")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Read the prompt from a file.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens to generate \\[default: 256].")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens to generate "
+                                                          "\\[default: 256, lowered to what fits the context].")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="0 = greedy \\[default: 0.8].")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens; 0 = off \\[default: 50].")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold \\[default: off].")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold, in (0, 1] \\[default: off].")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Same seed, same text.")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples, batched in one forward.")] = 1,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole prefix each step (for comparison).")] = False,
@@ -155,37 +156,40 @@ def sample(
     import torch
 
     from nanods.checkpoint import load
-    from nanods.config import sample_defaults
     from nanods.device import resolve_device
     from nanods.generate import stream
+    from nanods.memory import format_bytes
     from nanods.tokenizer import StreamDecoder
 
-    defaults = sample_defaults()
-    max_new_tokens = defaults.max_new_tokens if max_new_tokens is None else max_new_tokens
-    temperature = defaults.temperature if temperature is None else temperature
-    top_k = defaults.top_k if top_k is None else top_k
-    top_p = defaults.top_p if top_p is None else top_p
+    settings, sources = _sample_settings(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                              top_p=top_p, num_samples=num_samples))
+    max_new_tokens, temperature, top_k, top_p, num_samples = settings.values()  # in the order given
     if prompt is not None and prompt_file is not None:
         raise NanodsError("give --prompt or --prompt-file, not both")
-    if max_new_tokens < 1 or num_samples < 1 or temperature < 0 or (top_k or 0) < 0 or not 0 < (top_p or 1) <= 1:
-        raise NanodsError("--max-new-tokens and --num-samples must be positive, --temperature and --top-k >= 0, "
-                          "--top-p in (0, 1]")
     if compile and (num_samples > 1 or no_cache):
         raise NanodsError("--compile decodes one sample on the KV cache: drop --num-samples/--no-cache or --compile")
     model, tokenizer = load(ckpt, resolve_device(device))
     if speculative and model.config.mtp_depth < 1:
         raise NanodsError("--speculative needs a model trained with mtp_depth >= 1; this one has mtp_depth = 0")
-    if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise NanodsError(f"prompt file '{prompt_file}' not found")
-        prompt = prompt_file.read_text(encoding="utf-8")
-    elif prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
-    ids = [tokenizer.eot_id] + tokenizer.encode(prompt or "")
+    ids = [tokenizer.eot_id] + tokenizer.encode(_read_prompt(prompt, prompt_file))
     limit = model.config.sequence_len
+    if len(ids) >= limit:
+        raise NanodsError(f"the prompt ({len(ids)} tokens, the start-of-text token included) fills the model's "
+                          f"{limit}-token context and leaves no room to generate; shorten the prompt")
     if len(ids) + max_new_tokens > limit:
-        raise NanodsError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's "
-                          f"context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
+        if sources["max_new_tokens"] is not None:
+            raise NanodsError(f"prompt ({len(ids)} tokens) + {sources['max_new_tokens']} ({max_new_tokens}) exceeds "
+                              f"the model's context of {limit} tokens; shorten the prompt or lower it")
+        err.print(f"note: --max-new-tokens {max_new_tokens} lowered to {limit - len(ids)} to fit the model's "
+                  f"{limit}-token context", highlight=False)
+        max_new_tokens = limit - len(ids)
+    # a terminal obeys escape codes a model may have learned from its data; a pipe or file gets the text as generated
+    tty = sys.stdout.isatty()
+
+    def emit(text: str) -> None:
+        sys.stdout.write(printable(text) if tty else text)
+        sys.stdout.flush()
+
     idx = torch.tensor([ids] * num_samples, device=model.lm_head.weight.device)
     decoders = [StreamDecoder(tokenizer) for _ in range(num_samples)]
     texts = [""] * num_samples
@@ -196,22 +200,66 @@ def sample(
         for i, t in enumerate(token.tolist()):
             piece = "" if t == tokenizer.eot_id else decoders[i].push([t])
             if num_samples == 1:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+                emit(piece)
             else:
                 texts[i] += piece
     seconds = time.perf_counter() - start
     for i, decoder in enumerate(decoders):
         texts[i] += decoder.flush()
     if num_samples == 1:
-        sys.stdout.write(texts[0] + "\n")
+        emit(texts[0] + "\n")
     else:
-        sys.stdout.write("\n".join(f"--- sample {i + 1} ---\n{t}" for i, t in enumerate(texts)) + "\n")
+        emit("\n".join(f"--- sample {i + 1} ---\n{t}" for i, t in enumerate(texts)) + "\n")
     if not quiet:
         cache = model.kv_cache_bytes_per_token(model.lm_head.weight.dtype) * (len(ids) + produced) * num_samples
         err.print(f"{produced * num_samples} tokens in {seconds:.2f} s ({produced * num_samples / seconds:,.1f} tok/s, "
-                  f"{'no cache' if no_cache else f'KV cache {_fmt_bytes(cache)}'}"
+                  f"{'no cache' if no_cache else f'KV cache {format_bytes(cache)}'}"
                   f"{', compiling included' if compile else ''})", highlight=False)
+
+
+def _sample_settings(given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """Each setting from the command line (None: not given), else [sample] of ./nanods.toml, else its default.
+
+    Returns the values and where each came from (None for a default). A bad command-line value is
+    a usage error (exit 2); nanods.toml values are checked when the file is read (exit 1).
+    """
+    from nanods.config import SAMPLE_RANGES, integers, read_toml, sample_defaults
+
+    path = Path("nanods.toml")
+    defaults = sample_defaults(path)
+    table = read_toml(path).get("sample", {}) if path.is_file() else {}
+    ranges = {**SAMPLE_RANGES, **integers("num_samples", 1)}
+    values: dict[str, Any] = {}
+    sources: dict[str, str | None] = {}
+    for name, value in given.items():
+        option = "--" + name.replace("_", "-")
+        if value is None:
+            values[name] = getattr(defaults, name)
+            sources[name] = f"{name} in [sample] of {path}" if name in table else None
+        elif value not in ranges[name]:
+            raise typer.BadParameter(f"must be {ranges[name]}, got {value}", param_hint=f"'{option}'")
+        else:
+            values[name], sources[name] = value, option
+    return values, sources
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt text: --prompt or --prompt-file, else stdin when piped, else empty; it must be UTF-8."""
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise NanodsError(f"prompt file '{prompt_file}' not found")
+        data, source = prompt_file.read_bytes(), f"prompt file '{prompt_file}'"
+    elif prompt is not None:  # the bytes of the command line, which Python keeps as surrogates when not UTF-8
+        data, source = prompt.encode("utf-8", "surrogateescape"), "--prompt"
+    elif not sys.stdin.isatty():
+        data, source = sys.stdin.buffer.read(), "the prompt on stdin"
+    else:
+        return ""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NanodsError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start}); convert it, "
+                          "e.g. with iconv -t UTF-8") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,8 +306,11 @@ def _spread(rate: dict[str, float]) -> str:
 
 
 def _print_bench(r: dict[str, Any]) -> None:
+    from nanods.memory import format_bytes
+
     cfg = r["model"]
-    table = Table(title=f"nanods bench: {r['scale']} ({cfg['attention']} x {cfg['ffn']}), {r['dtype']} on {r['device']} "
+    table = Table(title=f"nanods bench: {escape(r['scale'])} ({escape(cfg['attention'])} x {escape(cfg['ffn'])}), "
+                        f"{r['dtype']} on {r['device']} "
                         f"({r['threads']} threads); medians (min-max) of {r['repeats']} runs, decode {r['decode_runs']}")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -283,7 +334,7 @@ def _print_bench(r: dict[str, Any]) -> None:
         table.add_row("MoE FFN fwd+bwd / active-dense twin", f"{m['ratio']:.2f}x",
                       f"{m['moe_s'] * 1e3:.1f} ms vs {m['dense_s'] * 1e3:.1f} ms, median of {m['rounds']} "
                       f"alternating rounds, kernel {m['kernel']}")
-    table.add_row("KV cache per token", _fmt_bytes(r["kv_cache_bytes_per_token"]), "all layers")
+    table.add_row("KV cache per token", format_bytes(r["kv_cache_bytes_per_token"]), "all layers")
     table.add_row("parameters total / active", f"{r['params_total']:,} / {r['params_active']:,}", "")
     out.print(table)
 
@@ -294,13 +345,6 @@ def _fmt_count(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
     return f"{n:.0f}"
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 @app.command()
@@ -341,30 +385,32 @@ def inspect(
 
 
 def _print_inspect(info: dict[str, Any]) -> None:
-    cfg = info["config"]
+    from nanods.memory import format_bytes
+
+    cfg = {key: escape(value) for key, value in info["config"].items()}  # a checkpoint's metadata is data, not markup
     title = (f"{cfg['attention']} x {cfg['ffn']}" + (f" ({cfg['router']} router)" if cfg["ffn"] == "moe" else "")
              + f", {cfg['n_layer']} layers, d={cfg['n_embd']}, vocab {cfg['vocab_size']}")
     table = Table(title=f"parameters: {title}")
     for col in ("component", "total", "active per token"):
         table.add_column(col, justify="right" if col != "component" else "left")
     for name, g in info["params_by_component"].items():
-        table.add_row(name, f"{g['total']:,}", f"{g['active']:,}")
+        table.add_row(escape(name), f"{g['total']:,}", f"{g['active']:,}")
     table.add_row("[bold]all[/]", f"[bold]{info['params_total']:,}[/]", f"[bold]{info['params_active']:,}[/]")
     out.print(table)
     if "components" in info:
-        out.print("components: " + ", ".join(f"{g} {c['name']} ({c['dist']} {c['version']})"
+        out.print("components: " + ", ".join(escape(f"{g} {c['name']} ({c['dist']} {c['version']})")
                                              for g, c in info["components"].items()), highlight=False)
     cost = Table(title=f"costs at seq_len={info['seq_len']}, batch={info['batch']}, {info['dtype']}")
     cost.add_column("measure")
     cost.add_column("value", justify="right")
     per = info["kv_cache_bytes_per_token"]
-    cost.add_row("KV cache per token (all layers)", _fmt_bytes(per))
-    cost.add_row("MHA-equivalent cache per token", f"{_fmt_bytes(info['kv_cache_bytes_per_token_mha'])} "
+    cost.add_row("KV cache per token (all layers)", format_bytes(per))
+    cost.add_row("MHA-equivalent cache per token", f"{format_bytes(info['kv_cache_bytes_per_token_mha'])} "
                  f"({info['kv_cache_bytes_per_token_mha'] / per:.1f}x)")
     if "kv_cache_bytes_per_token_decompressed" in info:
         d = info["kv_cache_bytes_per_token_decompressed"]
-        cost.add_row("MLA decompressed per token", f"{_fmt_bytes(d)} ({d / per:.1f}x the latent)")
-    cost.add_row(f"KV cache for {info['batch']} x {info['seq_len']}", _fmt_bytes(info["kv_cache_bytes"]))
+        cost.add_row("MLA decompressed per token", f"{format_bytes(d)} ({d / per:.1f}x the latent)")
+    cost.add_row(f"KV cache for {info['batch']} x {info['seq_len']}", format_bytes(info["kv_cache_bytes"]))
     cost.add_row("FLOPs per token, forward (train/prefill)", _fmt_count(info["flops_per_token"]))
     cost.add_row("FLOPs per token, decode", _fmt_count(info["flops_per_token_decode"]))
     out.print(cost)
@@ -392,7 +438,7 @@ def _click_classes(name: str) -> tuple[type, ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one clear line per error (traceback with --debug), DESIGN's exit codes."""
+    """Entry point: one clear line per error (traceback with --debug); exit 1 for errors, 2 for usage, 130 for Ctrl-C."""
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else argv
     debug = DEBUG["on"] or "--debug" in args
@@ -401,6 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     except _click_classes("Exit") as e:
         sys.exit(e.exit_code)
     except _click_classes("ClickException") as e:  # usage errors: click prints them with the usage line
+        e.message = printable(e.message)  # it may quote the command line; click leaves bidi overrides in
         e.show()
         sys.exit(e.exit_code)
     except (*_click_classes("Abort"), KeyboardInterrupt):

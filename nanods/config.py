@@ -116,16 +116,7 @@ class NanoDeepSeekConfig:
 
     def validate(self) -> None:
         """Raise NanodsError naming the first inconsistent field."""
-        positive = ["sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
-                    "num_experts", "top_k", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
-                    "v_head_dim", "ffn_hidden", "moe_hidden", "n_group", "topk_group"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise NanodsError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ["q_lora_rank", "n_shared_experts", "first_k_dense", "mtp_depth", "aux_loss_alpha",
-                     "bias_update_speed", "mtp_loss_weight"]:
-            if getattr(self, name) < 0:
-                raise NanodsError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_ranges(self, MODEL_RANGES)
         checks = [
             (self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
             (self.use_mla or self.n_head % self.n_kv_head == 0,  # n_kv_head means nothing for MLA
@@ -158,8 +149,12 @@ class NanoDeepSeekConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "config") -> NanoDeepSeekConfig:
-        """Build from plain values, checking names and types first (errors name the key)."""
-        return cls(**check_fields(values, where))
+        """Build from plain values, checking names and types first (errors name the key and `where`)."""
+        checked = check_fields(values, where)
+        try:
+            return cls(**checked)
+        except NanodsError as e:  # a checkpoint's config: say which file holds the bad value
+            raise NanodsError(f"{where}: {e}") from None
 
 
 # use_mla / use_moe are constructor switches (InitVars) and, once built, read-only views of the
@@ -168,6 +163,78 @@ NanoDeepSeekConfig.use_mla = property(lambda self: short_name(self.attention) in
                                       doc="True when the attention is MLA-based.")
 NanoDeepSeekConfig.use_moe = property(lambda self: short_name(self.ffn) == "moe",  # type: ignore[attr-defined]
                                       doc="True when the FFN is the mixture of experts.")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number setting may take. NaN and infinities lie in no float range."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False  # True: low itself is excluded (> low, not >= low)
+    integer: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        # NaN fails every comparison, so `value < low` alone would let it through
+        finite = self.integer or math.isfinite(value)
+        return finite and (value > self.low if self.low_open else value >= self.low) and value <= self.high
+
+    def __str__(self) -> str:
+        if self.integer:
+            return f"an integer in {self.low}..{self.high}" if self.high < math.inf else f"an integer >= {self.low}"
+        if self.high < math.inf:
+            return f"a finite number in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        return f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
+
+
+POSITIVE = Range(0.0, low_open=True)
+NON_NEGATIVE = Range(0.0)
+
+
+def check_ranges(settings: object, ranges: dict[str, Range], section: str = "") -> None:
+    """Raise NanodsError for the first setting outside its range (None means unset and passes)."""
+    for name, allowed in ranges.items():
+        value = getattr(settings, name)
+        if value is not None and value not in allowed:
+            raise NanodsError(f"{section}{name} must be {allowed}, got {value}")
+
+
+# Hard upper bounds on sizes: several times DeepSeek-V3's (61 layers, 128 heads, n_embd 7168,
+# 256 experts of width 2048, 128K context), so no real model meets them, yet low enough that a
+# typo fails here at once instead of allocating until memory runs out. n_layer also bounds how
+# long `nanods inspect` takes: it builds every layer on the meta device (1024 take a few seconds).
+MAX_VOCAB_SIZE = 2**20  # ids are stored as uint32, and the BPE trainer builds no more (tokenizer.MAX_BPE_VOCAB)
+MAX_SEQUENCE_LEN = 2**20
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_WIDTH = 2**16  # n_embd and the widths derived from it (latent ranks, head dims)
+MAX_HIDDEN = 2**18  # FFN and expert widths: 4 x MAX_WIDTH, relu2's default ffn_hidden
+MAX_EXPERTS = 4096
+
+
+def integers(names: str, low: int, high: float = math.inf) -> dict[str, Range]:
+    """{name: the integer range low..high} for each space-separated name."""
+    return dict.fromkeys(names.split(), Range(low, high, integer=True))
+
+
+MODEL_RANGES: dict[str, Range] = {
+    **integers("sequence_len", 1, MAX_SEQUENCE_LEN),
+    **integers("vocab_size", 1, MAX_VOCAB_SIZE),
+    **integers("n_layer", 1, MAX_LAYERS),
+    **integers("n_head n_kv_head", 1, MAX_HEADS),
+    **integers("n_embd kv_lora_rank qk_rope_head_dim qk_nope_head_dim v_head_dim", 1, MAX_WIDTH),
+    **integers("q_lora_rank", 0, MAX_WIDTH),  # 0: no query compression
+    **integers("ffn_hidden moe_hidden", 1, MAX_HIDDEN),
+    **integers("num_experts top_k n_group topk_group", 1, MAX_EXPERTS),
+    **integers("n_shared_experts", 0, MAX_EXPERTS),
+    **integers("first_k_dense mtp_depth", 0, MAX_LAYERS),
+    "norm_eps": POSITIVE,
+    "rope_theta": POSITIVE,
+    "route_scale": POSITIVE,
+    "bias_update_speed": NON_NEGATIVE,
+    "aux_loss_alpha": NON_NEGATIVE,
+    "mtp_loss_weight": NON_NEGATIVE,
+}
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -291,14 +358,10 @@ class TrainSettings:
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard per block)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"):
-            if getattr(self, name) <= 0:
-                raise NanodsError(f"train.{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, TRAIN_RANGES, "train.")
         micro = self.micro_batch_size or self.batch_size
         if micro <= 0 or self.batch_size % micro:
             raise NanodsError(f"train.micro_batch_size ({micro}) must divide train.batch_size ({self.batch_size})")
-        if self.lr <= 0 or not 0 <= self.decay_frac <= 1 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise NanodsError("train.lr must be > 0, decay_frac in [0, 1], warmup_steps and grad_clip >= 0")
         if self.optimizer not in ("adamw", "muon"):
             raise NanodsError(f"unknown train.optimizer '{self.optimizer}'{did_you_mean(self.optimizer, ['adamw', 'muon'])}; "
                               "use adamw or muon")
@@ -310,6 +373,18 @@ class TrainSettings:
     @property
     def budget_seconds(self) -> float | None:
         return parse_duration(self.time_budget) if self.time_budget else None
+
+
+TRAIN_RANGES: dict[str, Range] = {
+    **integers("seq_len", 1, MAX_SEQUENCE_LEN),
+    **integers("steps batch_size eval_every eval_batches log_every", 1),
+    **integers("warmup_steps", 0),
+    "lr": POSITIVE,
+    "muon_lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "decay_frac": Range(0.0, 1.0),
+    "grad_clip": NON_NEGATIVE,  # 0: no clipping
+}
 
 
 def parse_duration(text: str) -> float:
@@ -342,6 +417,17 @@ class SampleSettings:
     top_k: int | None = 50
     top_p: float | None = None
     max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        check_ranges(self, SAMPLE_RANGES, "sample.")
+
+
+SAMPLE_RANGES: dict[str, Range] = {
+    "temperature": NON_NEGATIVE,  # 0: greedy
+    "top_p": Range(0.0, 1.0, low_open=True),
+    **integers("top_k", 0),
+    **integers("max_new_tokens", 1),
+}
 
 
 SECTIONS: dict[str, type] = {"model": NanoDeepSeekConfig, "train": TrainSettings, "sample": SampleSettings}

@@ -14,6 +14,8 @@ import json
 import os
 import platform
 import re
+import stat
+import struct
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,11 +27,21 @@ import torch
 
 from nanods.atomic import atomic_write
 from nanods.errors import NanodsError, did_you_mean
+from nanods.memory import physical_memory
 from nanods.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 
 VAL_FRACTION = 0.05
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 TOKENIZER_KINDS = ("bpe", "byte")
+NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
+# Token cache files: magic, format version, numpy dtype string (e.g. "<u2"), token count; then the ids.
+TOKENS_HEADER = struct.Struct("<8sI4sQ")
+TOKENS_MAGIC, TOKENS_VERSION = b"NANODSTK", 1
+
+
+# The corpus is held as Python strings and tokenized in memory, several copies at a time.
+MAX_CORPUS_BYTES = (physical_memory() or 16 * 2**30) // 4  # 16 GiB where the OS does not say
 
 
 @dataclass
@@ -38,7 +50,8 @@ class Corpus:
 
     train_names/val_names are the files' relative paths for folder corpora (stdlib included; a lone
     file is in both, cut by characters), empty otherwise; skipped lists stdlib files left out
-    because they are not UTF-8. n_bytes is the UTF-8 size of all documents.
+    because they are not UTF-8; notes says which folder entries were skipped because they are not
+    regular files (FIFOs, devices, sockets, broken symlinks). n_bytes is the UTF-8 size of all documents.
     """
 
     name: str
@@ -50,6 +63,7 @@ class Corpus:
     train_names: list[str] = field(default_factory=list)
     val_names: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -85,21 +99,26 @@ def _pick(items: list[str], indices: list[int]) -> list[str]:
 
 
 def _build(name: str, fingerprint: str, rule: str, docs: list[str], keys: list[str],
-           names: list[str] | None = None, skipped: list[str] | None = None, looked_for: str = "text") -> Corpus:
+           names: list[str] | None = None, skipped: list[str] | None = None, notes: list[str] | None = None,
+           looked_for: str = "text") -> Corpus:
     """Split docs by their keys' hashes into a Corpus; a single document is cut by characters."""
+    names, skipped, notes = names or [], skipped or [], notes or []
     if not docs:
-        raise NanodsError(f"no documents found in '{name}' (looked for non-empty {looked_for}); "
+        also = f"; {notes[0]}" if notes else ""  # say why, when every file was skipped
+        if len(notes) > 1:
+            also += f" and {len(notes) - 1} more like it"
+        raise NanodsError(f"no documents found in '{name}' (looked for non-empty {looked_for}{also}); "
                           "point data at a corpus with some text")
     n_bytes = sum(len(d.encode()) for d in docs)
     if len(docs) == 1:
         cut = min(len(docs[0]) - 1, max(1, round(len(docs[0]) * (1 - VAL_FRACTION))))  # both sides non-empty
         return Corpus(name, fingerprint, "a single document: first 95 % of its characters train, the rest val",
-                      [docs[0][:cut]], [docs[0][cut:]], n_bytes, names or [], names or [], skipped or [])
+                      [docs[0][:cut]], [docs[0][cut:]], n_bytes, names, names, skipped, notes)
     train, val, adjusted = _split(keys)
     if adjusted:
         rule += f" (adjusted to {len(val)} of {len(docs)} so both splits are non-empty)"
     return Corpus(name, fingerprint, rule, _pick(docs, train), _pick(docs, val), n_bytes,
-                  _pick(names, train) if names else [], _pick(names, val) if names else [], skipped or [])
+                  _pick(names, train) if names else [], _pick(names, val) if names else [], skipped, notes)
 
 
 def _walk(root: Path, skip_dir: Callable[[str], bool], keep_file: Callable[[str], bool]) -> Iterator[tuple[str, Path]]:
@@ -112,13 +131,50 @@ def _walk(root: Path, skip_dir: Callable[[str], bool], keep_file: Callable[[str]
                 yield path.relative_to(root).as_posix(), path
 
 
+def _not_regular(path: Path) -> str | None:
+    """What path is when it is not a regular file, symlinks followed (e.g. "a FIFO"); None when it is one."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        if not path.is_symlink():
+            raise
+        return "a broken symlink"  # its target is missing, or it loops
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((what for is_kind, what in NOT_REGULAR if is_kind(mode)), "a special file")
+    return f"a symlink to {kind}" if path.is_symlink() else kind
+
+
+def _read_capped(path: Path, used: int = 0) -> bytes:
+    """A regular file's bytes, refused before they take the corpus (used bytes so far) past MAX_CORPUS_BYTES."""
+    room = MAX_CORPUS_BYTES - used
+    size = path.stat().st_size
+    data = b""
+    if size <= room:
+        with path.open("rb") as f:
+            data = f.read(size + 1)  # read(n) allocates n bytes up front: ask for what stat says
+            if len(data) > size:  # the size lied (files under /proc report 0) or grew: read on, still bounded
+                data += f.read(room + 1 - len(data))
+        if len(data) <= room:
+            return data
+    size_text = f"{size:,} bytes" if size > room else f"more than {room:,} bytes"
+    others = f" and the files read before it {used:,} bytes" if used else ""
+    raise NanodsError(f"'{path}' is {size_text}{others}, over the corpus limit of {MAX_CORPUS_BYTES:,} bytes "
+                      "(a quarter of this machine's memory, as the corpus is tokenized in memory); use less data")
+
+
 def _read_files(name: str, files: Iterator[tuple[str, Path]], tag: str, strict: bool, looked_for: str) -> Corpus:
     """A corpus of whole files split by relative-path hash; non-UTF-8 files are an error when strict,
-    else skipped and listed."""
-    docs, names, skipped = [], [], []
+    else skipped and listed; entries that are not regular files are skipped with a note."""
+    docs, names, skipped, notes = [], [], [], []
     digest = hashlib.sha256(tag.encode())
+    used = 0
     for rel, path in files:
-        raw = path.read_bytes()
+        if what := _not_regular(path):  # opening a FIFO can block forever, and /dev/zero never ends
+            notes.append(f"skipped '{rel}': {what}, not a regular file")
+            continue
+        raw = _read_capped(path, used)
+        used += len(raw)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -132,7 +188,7 @@ def _read_files(name: str, files: Iterator[tuple[str, Path]], tag: str, strict: 
             names.append(rel)
             digest.update(f"\0{rel}\0{_sha256(raw)}".encode())
     rule = f"val = files whose sha256(relative path) falls in the lowest {VAL_FRACTION:.0%}"
-    return _build(name, digest.hexdigest()[:16], rule, docs, names, names, skipped, looked_for)
+    return _build(name, digest.hexdigest()[:16], rule, docs, names, names, skipped, notes, looked_for)
 
 
 def _stdlib_skip(dirname: str) -> bool:
@@ -152,7 +208,7 @@ def _stdlib() -> Corpus:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_bytes().decode("utf-8")
+        return _read_capped(path).decode("utf-8")
     except UnicodeDecodeError as e:
         raise NanodsError(f"'{path}' is not UTF-8 text ({e.reason} at byte {e.start}); convert it first") from e
 
@@ -192,8 +248,9 @@ def _text_file(spec: str, path: Path) -> Corpus:
 
 def load_corpus(spec: str = "stdlib", extensions: tuple[str, ...] = (".py", ".txt", ".md")) -> Corpus:
     """The corpus named by spec: "stdlib", a .jsonl file ({"text": ...} per line), any other file
-    (plain text: paragraphs, or lines when there are no blank lines), or a folder (its files ending
-    in one of extensions, recursively; hidden entries and __pycache__ are skipped)."""
+    (plain text: paragraphs, or lines when there are no blank lines), or a folder (its regular files
+    ending in one of extensions, recursively; hidden entries and __pycache__ are skipped, other kinds
+    of entries too, with a note in Corpus.notes)."""
     if spec == "stdlib":
         return _stdlib()
     path = Path(spec).expanduser()
@@ -204,6 +261,9 @@ def load_corpus(spec: str = "stdlib", extensions: tuple[str, ...] = (".py", ".tx
         files = _walk(path, _folder_skip, lambda f: not f.startswith(".") and f.endswith(extensions))
         return _read_files(spec, files, f"folder {' '.join(extensions)}", strict=True,
                            looked_for=f"files ending in {', '.join(extensions)}")
+    if what := _not_regular(path):
+        raise NanodsError(f"'{spec}' is {what}, not a regular file or folder: point data at a text file, "
+                          "a .jsonl file or a folder of text files")
     if path.suffix == ".jsonl":
         return _jsonl(spec, path)
     return _text_file(spec, path)
@@ -214,9 +274,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NANODS_CACHE") or "~/.cache/nanods").expanduser()
 
 
-def load_tokenizer(corpus: Corpus, kind: str, vocab_size: int) -> Tokenizer:
+def load_tokenizer(corpus: Corpus, kind: str, vocab_size: int, note: Callable[[str], None] | None = None) -> Tokenizer:
     """The byte tokenizer (vocab_size ignored), or a BPE of vocab_size trained on corpus.train, cached
-    by corpus fingerprint so each corpus trains it once."""
+    by corpus fingerprint so each corpus trains it once; a damaged cached file is retrained and
+    reported through note."""
     if kind == "byte":
         return byte_tokenizer()
     if kind != "bpe":
@@ -224,41 +285,88 @@ def load_tokenizer(corpus: Corpus, kind: str, vocab_size: int) -> Tokenizer:
                           f"choose one of {', '.join(TOKENIZER_KINDS)}")
     path = cache_dir() / "tokenizers" / f"{corpus.fingerprint}-bpe{vocab_size}.json"
     if path.exists():
-        return Tokenizer.from_json(path.read_text(encoding="utf-8"))
+        try:
+            return Tokenizer.from_json(path.read_text(encoding="utf-8"))
+        except Exception as e:  # from_json's NanodsError, bad UTF-8, or the bare Exception `tokenizers` raises
+            _tell(note, f"the cached tokenizer '{path}' is damaged ({str(e).splitlines()[0]}); training it again")
     tokenizer = train_bpe(corpus.train, vocab_size)
     atomic_write(path, lambda f: f.write(tokenizer.to_json().encode()))
     return tokenizer
+
+
+def _tell(note: Callable[[str], None] | None, message: str) -> None:
+    if note is not None:
+        note(message)
 
 
 def _token_dtype(tokenizer: Tokenizer) -> type[np.unsignedinteger]:
     return np.uint16 if len(tokenizer) <= 2**16 else np.uint32
 
 
+def _tokens_header(dtype: type[np.unsignedinteger], count: int) -> bytes:
+    return TOKENS_HEADER.pack(TOKENS_MAGIC, TOKENS_VERSION, np.dtype(dtype).str.encode(), count)
+
+
 def _write_tokens(f: BinaryIO, docs: list[str], tokenizer: Tokenizer, dtype: type[np.unsignedinteger],
                   chunk: int = 256) -> None:
-    """Stream docs' ids (each followed by eot) to f, encoding a chunk of documents at a time."""
+    """Stream a header and docs' ids (each followed by eot) to f, encoding a chunk of documents at a
+    time; the header's count is filled in last, so a file cut short never matches it."""
+    f.write(_tokens_header(dtype, 0))
+    count = 0
     for start in range(0, len(docs), chunk):
         ids = tokenizer.encode_batch(docs[start:start + chunk])
         flat = itertools.chain.from_iterable(itertools.chain(d, (tokenizer.eot_id,)) for d in ids)
-        np.fromiter(flat, dtype=dtype, count=sum(map(len, ids)) + len(ids)).tofile(f)
+        n = sum(map(len, ids)) + len(ids)
+        np.fromiter(flat, dtype=dtype, count=n).tofile(f)
+        count += n
+    f.seek(0)
+    f.write(_tokens_header(dtype, count))
 
 
-def tokenize(corpus: Corpus, tokenizer: Tokenizer) -> TokenSplits:
-    """Both splits as read-only memmaps, built once and cached by corpus and tokenizer fingerprints."""
+def _tokens_damage(path: Path, dtype: type[np.unsignedinteger]) -> str | None:
+    """What is wrong with the token file at path (header or size), or None when it can be used."""
+    with path.open("rb") as f:
+        head = f.read(TOKENS_HEADER.size)
+        size = os.fstat(f.fileno()).st_size
+    if len(head) < TOKENS_HEADER.size:
+        return f"{size:,} bytes, shorter than its header"
+    magic, version, stored, count = TOKENS_HEADER.unpack(head)
+    if (magic, version) != (TOKENS_MAGIC, TOKENS_VERSION):
+        return "not a token file of this nanods version"
+    stored = stored.rstrip(b"\0").decode(errors="replace")  # struct pads the dtype string with NULs
+    if stored != np.dtype(dtype).str:
+        return f"ids stored as {stored!r}, expected {np.dtype(dtype).str!r}"
+    expected = TOKENS_HEADER.size + count * np.dtype(dtype).itemsize
+    return None if size == expected else f"{size:,} bytes where its header promises {expected:,}"
+
+
+def _cached_tokens(path: Path, dtype: type[np.unsignedinteger], note: Callable[[str], None] | None) -> bool:
+    """Whether path holds a usable token file; a damaged one is reported through note."""
+    if not path.exists():
+        return False
+    damage = _tokens_damage(path, dtype)
+    if damage:
+        _tell(note, f"the token cache '{path}' is damaged ({damage}); rebuilding it")
+    return damage is None
+
+
+def tokenize(corpus: Corpus, tokenizer: Tokenizer, note: Callable[[str], None] | None = None) -> TokenSplits:
+    """Both splits as read-only memmaps, built once and cached by corpus and tokenizer fingerprints; a
+    damaged cache file is rebuilt and reported through note."""
     dtype = _token_dtype(tokenizer)
     arrays = {}
     for split in ("train", "val"):
-        path = cache_dir() / "tokens" / f"{corpus.fingerprint}-{tokenizer.fingerprint()}-{split}.bin"
-        if not path.exists():
+        path = cache_dir() / "tokens" / f"{corpus.fingerprint}-{tokenizer.fingerprint()}-{split}.tokens"
+        if not _cached_tokens(path, dtype, note):
             atomic_write(path, functools.partial(_write_tokens, docs=getattr(corpus, split),
                                                   tokenizer=tokenizer, dtype=dtype))
-        arrays[split] = np.memmap(path, dtype=dtype, mode="r")
+        arrays[split] = np.memmap(path, dtype=dtype, mode="r", offset=TOKENS_HEADER.size)
     return TokenSplits(**arrays)
 
 
 class Batches:
     """Deterministic (x, y) micro-batches: step `step` depends only on (seed, step), so a resumed run
-    sees exactly the batches the uninterrupted run would have.
+    sees exactly the batches the uninterrupted run would have. `split` names the tokens' split in errors.
 
     Each step draws the offsets of its whole global batch (batch_size rows) once; rank r's micro-batch
     m takes the rows of block r * accum + m. One process accumulating over all blocks and world_size
@@ -266,10 +374,11 @@ class Batches:
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, micro_batch_size: int, seq_len: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, split: str = "train"):
         if len(tokens) < seq_len + 1:
-            raise NanodsError(f"the data has {len(tokens):,} tokens but a sequence of {seq_len} needs at least "
-                              f"{seq_len + 1}; use a smaller seq_len or more data")
+            share = f" (val is about {VAL_FRACTION:.0%} of the corpus)" if split == "val" else ""
+            raise NanodsError(f"the {split} split has {len(tokens):,} tokens{share} but a sequence of {seq_len} "
+                              f"needs at least {seq_len + 1}; use a smaller train.seq_len or more data")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size % (micro_batch_size * world_size):

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from nanods.config import SAMPLE_RANGES
 from nanods.errors import NanodsError
 from nanods.model import NanoDeepSeek
 
@@ -65,8 +66,9 @@ def stream(model: NanoDeepSeek, idx: torch.Tensor, max_new_tokens: int, temperat
     if T + max_new_tokens > cfg.sequence_len:
         raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"sequence_len ({cfg.sequence_len})")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    for name, value in {"temperature": temperature, "top_k": top_k, "top_p": top_p}.items():
+        if value is not None and value not in SAMPLE_RANGES[name]:  # nan or inf would end in a torch error
+            raise ValueError(f"{name} must be {SAMPLE_RANGES[name]}, got {value}")
     if compile and (B != 1 or not use_cache):
         raise ValueError("compiled decoding runs one sequence on the KV cache: use one prompt row and the cache")
     decode = compiled_decode_step(model) if compile else model

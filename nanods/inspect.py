@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nanods.checkpoint import config_from_metadata
+from nanods.checkpoint import config_from_metadata, metadata_json, metadata_step
 from nanods.config import NanoDeepSeekConfig
 from nanods.errors import NanodsError
 from nanods.flops import build_on_meta, count_parameters, flops_per_token
 from nanods.layers.attention.mha import MultiHeadAttention
+from nanods.memory import model_size
 from nanods.safetensors_header import read_header
 
 
@@ -53,11 +53,36 @@ def checkpoint_report(path: str | Path, **kwargs: Any) -> dict[str, Any]:
         raise NanodsError(f"'{path}' has {len(tensors)} tensors ({stored:,} values) but no nanods metadata "
                           "(nanods.config is missing): it was not written by nanods")
     config = config_from_metadata(metadata, path)  # names the package of a component that is not installed
-    out = report(config, **kwargs)
-    out["checkpoint"] = {"path": str(path), "tensors": len(tensors), "values": stored,
-                         "step": int(metadata.get("nanods.step", 0)), "version": metadata.get("nanods.version")}
-    if "nanods.components" in metadata:
-        out["components"] = json.loads(metadata["nanods.components"])
-    if "nanods.expert_load" in metadata:
-        out["expert_load"] = json.loads(metadata["nanods.expert_load"])
-    return out
+    # Before report() builds every layer: the header's config must describe the tensors the header
+    # lists. Compared as counts of stored tensors and values, from one block of each kind: exactly
+    # what save() writes (persistent buffers such as expert_bias in, non-persistent ones out, a tied
+    # lm_head left to embed.weight), with no list of buffer names to keep in step.
+    expected = model_size(config)
+    if (expected.tensors, expected.values) != (len(tensors), stored):
+        raise NanodsError(f"'{path}' does not match its config: nanods.config describes {config.n_layer} layers "
+                          f"stored as {expected.tensors:,} tensors ({expected.values:,} values), but the file holds "
+                          f"{len(tensors):,} tensors ({stored:,} values); it is damaged or was edited")
+    extra: dict[str, Any] = {"checkpoint": {"path": str(path), "tensors": len(tensors), "values": stored,
+                                            "step": metadata_step(metadata, path),
+                                            "version": metadata.get("nanods.version")}}
+    for key, (valid, shape) in _OPTIONAL_METADATA.items():
+        if f"nanods.{key}" in metadata:
+            extra[key] = metadata_json(metadata, f"nanods.{key}", path)
+            if not valid(extra[key]):  # valid JSON of another shape would only fail later, in the printing
+                raise NanodsError(f"'{path}' is damaged: its nanods.{key} metadata is not {shape}")
+    return report(config, **kwargs) | extra
+
+
+def _is_provenance(value: Any) -> bool:
+    fields = ("name", "dist", "version")
+    return isinstance(value, dict) and all(
+        isinstance(c, dict) and all(isinstance(c.get(k), str) for k in fields) for c in value.values())
+
+
+def _is_expert_load(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(row, list) and row and all(isinstance(s, (int, float)) for s in row) for row in value)
+
+
+_OPTIONAL_METADATA = {"components": (_is_provenance, "an object of {name, dist, version} objects"),
+                      "expert_load": (_is_expert_load, "a list of per-layer lists of expert shares")}

@@ -34,6 +34,8 @@ def read_header(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, 
     if not isinstance(header, dict):
         raise NanodsError(f"'{path}' is not a safetensors file: its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise NanodsError(f"'{path}' is not a valid safetensors file: its __metadata__ is not a map of strings")
     end = 0
     for name, info in header.items():
         if not isinstance(info, dict) or {"dtype", "shape", "data_offsets"} - info.keys():

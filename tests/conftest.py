@@ -1,9 +1,15 @@
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
 from nanods import NanoDeepSeek, NanoDeepSeekConfig
+from nanods.config import resolve_project
 from nanods.testing import TINY
 
+SOURCE = Path(__file__).resolve().parent.parent / "nanods"
 COMBOS = [(a, f) for a in ("mha", "mla") for f in ("dense", "moe")]
 
 
@@ -32,3 +38,26 @@ def main_in_process(args, capsys):
         main(args)
     captured = capsys.readouterr()
     return info.value.code, captured.out, captured.err
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    """A small folder corpus (a copy of nanods' own sources, so editing them mid-run changes no fingerprint)
+    and a private token cache."""
+    monkeypatch.setenv("NANODS_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "corpus"
+    shutil.copytree(SOURCE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    return str(copy)
+
+
+def project(corpus, out, *sets):
+    base = [f"train.data={json.dumps(corpus)}", "train.tokenizer=byte", f"train.out={json.dumps(str(out))}",
+            "train.steps=8", "train.batch_size=4", "train.micro_batch_size=2", "train.seq_len=32",
+            "train.eval_every=4", "train.eval_batches=2", "train.warmup_steps=2", "train.sample_tokens=0",
+            "train.device=cpu", "model.n_layer=2", "model.sequence_len=64"]
+    return resolve_project({}, scale="tiny", sets=base + list(sets))
+
+
+def losses(out):
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}

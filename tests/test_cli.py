@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
 import os
 import subprocess
@@ -10,12 +11,14 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import main_in_process
+import torch
+from conftest import build, main_in_process
 
 import nanods
-from nanods import registry
+from nanods import checkpoint, registry
 from nanods.config import PRESETS, load_project
 from nanods.errors import NanodsError
+from nanods.tokenizer import byte_tokenizer
 
 BUILTINS = {"attention": {"mha", "mla"}, "ffn": {"dense", "moe"}, "router": {"sigmoid", "softmax"}}
 
@@ -266,3 +269,116 @@ def test_uninstalled_checkout_cli_says_pip_install(monkeypatch, fresh_registry, 
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install -e ." in lines[0], err
     assert "Traceback" not in err and out.strip() == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# sample
+
+
+@pytest.fixture
+def sample_ckpt(tmp_path, monkeypatch):
+    """A byte-tokenizer checkpoint with a 32-token context; the test runs in a directory without nanods.toml,
+    with an empty stdin piped in."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    model = build(vocab_size=320, tokenizer_vocab_size=257, sequence_len=32)
+    return str(checkpoint.save(tmp_path / "run", model, model.config, byte_tokenizer(), 1, {}, {}, {}))
+
+
+def _error_lines(err):
+    return [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("option,value,shown", [
+    ("--top-p", "0", "0.0"), ("--top-p", "1.5", "1.5"), ("--top-p", "nan", "nan"), ("--temperature", "nan", "nan"),
+    ("--temperature", "inf", "inf"), ("--temperature", "-1", "-1.0"), ("--top-k", "-1", "-1"),
+    ("--max-new-tokens", "0", "0"), ("--num-samples", "0", "0"),
+])
+def test_sample_option_errors_name_the_option_and_value(option, value, shown, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = main_in_process(["sample", "missing.safetensors", option, value], capsys)  # checked before loading
+    assert code == 2, err
+    errors = [line for line in _error_lines(err) if line.startswith("Error:")]
+    assert len(errors) == 1 and f"'{option}'" in errors[0] and errors[0].endswith(f", got {shown}"), err
+    assert "Traceback" not in err and out == ""
+
+
+@pytest.mark.parametrize("key,value", [("top_p", "0.0"), ("temperature", "nan"), ("max_new_tokens", "0"),
+                                       ("top_k", "-3")])
+def test_sample_checks_the_sample_table_of_nanods_toml(key, value, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nanods.toml").write_text(f"[sample]\n{key} = {value}\n", encoding="utf-8")
+    code, out, err = main_in_process(["sample", "missing.safetensors"], capsys)
+    assert code == 1
+    lines = _error_lines(err)
+    assert len(lines) == 1 and key in lines[0] and f"got {value}" in lines[0], err
+    assert out == ""
+
+
+@pytest.mark.parametrize("where", ["stdin", "file", "option"])
+def test_a_prompt_that_is_not_utf8_is_one_line(where, sample_ckpt, monkeypatch, capsys):
+    data = b"abc\xffdef"
+    if where == "stdin":
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+        args, source = [], "the prompt on stdin"
+    elif where == "file":
+        with open("prompt.txt", "wb") as f:
+            f.write(data)
+        args, source = ["--prompt-file", "prompt.txt"], "prompt file 'prompt.txt'"
+    else:  # how Python hands over command-line bytes that are not UTF-8
+        args, source = ["--prompt", data.decode("utf-8", "surrogateescape")], "--prompt"
+    code, out, err = main_in_process(["sample", sample_ckpt, "-q", *args], capsys)
+    assert code == 1
+    lines = _error_lines(err)
+    assert len(lines) == 1 and f"{source} is not UTF-8 text (invalid start byte at byte 3)" in lines[0], err
+    assert out == ""
+
+
+def test_default_max_new_tokens_is_lowered_to_fit_the_context(sample_ckpt, capsys):
+    code, out, err = main_in_process(["sample", sample_ckpt, "--prompt", "ab", "--temperature", "0", "-q"], capsys)
+    assert code == 0, err
+    assert _error_lines(err) == ["note: --max-new-tokens 256 lowered to 29 to fit the model's 32-token context"]
+    assert out.endswith("\n") and out.strip()
+
+
+@pytest.mark.parametrize("toml", [None, "[sample]\nmax_new_tokens = 40\n"])
+def test_an_explicit_max_new_tokens_that_does_not_fit_is_an_error(toml, sample_ckpt, capsys):
+    if toml is not None:
+        with open("nanods.toml", "w", encoding="utf-8") as f:
+            f.write(toml)
+    code, out, err = main_in_process(["sample", sample_ckpt, *([] if toml else ["--max-new-tokens", "40"])], capsys)
+    assert code == 1
+    lines = _error_lines(err)
+    where = "max_new_tokens in [sample] of nanods.toml" if toml else "--max-new-tokens"
+    assert len(lines) == 1 and f"{where} (40) exceeds the model's context of 32 tokens" in lines[0], err
+    assert out == ""
+
+
+def test_a_prompt_that_fills_the_context_is_an_error(sample_ckpt, capsys):
+    code, out, err = main_in_process(["sample", sample_ckpt, "--prompt", "x" * 31], capsys)
+    assert code == 1
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "(32 tokens" in lines[0] and "32-token context" in lines[0], err
+
+
+GENERATED = "\x1b[2Jhi\x1b]0;pwned\x07\tok"
+
+
+def _fake_stream(model, idx, max_new_tokens, *args):
+    """Tokens spelling GENERATED (byte tokenizer: id = byte), whatever the model would say."""
+    for b in GENERATED.encode():
+        yield torch.full((idx.shape[0],), b)
+
+
+@pytest.mark.parametrize("num_samples", [1, 2])
+@pytest.mark.parametrize("tty", [False, True])
+def test_generated_text_is_printable_on_a_terminal_and_exact_in_a_pipe(tty, num_samples, sample_ckpt, monkeypatch,
+                                                                       capsys):
+    monkeypatch.setattr("nanods.generate.stream", _fake_stream)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: tty)
+    code, out, err = main_in_process(["sample", sample_ckpt, "--num-samples", str(num_samples), "-q",
+                                      "--max-new-tokens", "20"], capsys)
+    assert code == 0, err
+    text = "\\x1b[2Jhi\\x1b]0;pwned\\x07\tok" if tty else GENERATED
+    expected = text if num_samples == 1 else "\n".join(f"--- sample {i} ---\n{text}" for i in (1, 2))
+    assert out == expected + "\n"

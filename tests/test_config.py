@@ -115,8 +115,8 @@ def test_unknown_scale_suggests_closest():
     (dict(n_embd=100, n_head=6, n_kv_head=6), r"n_embd \(100\) must be divisible by n_head \(6\)"),
     (dict(n_head=6, n_kv_head=4, attention="mha"), r"n_head \(6\) must be divisible by n_kv_head \(4\)"),
     (dict(num_experts=4, top_k=5), r"top_k \(5\) must be <= num_experts \(4\)"),
-    (dict(kv_lora_rank=0), r"kv_lora_rank must be positive"),
-    (dict(kv_lora_rank=-8), r"kv_lora_rank must be positive"),
+    (dict(kv_lora_rank=0), r"kv_lora_rank must be an integer in 1\.\.65536, got 0"),
+    (dict(kv_lora_rank=-8), r"kv_lora_rank must be an integer in 1\.\.65536, got -8"),
     (dict(top_k=1, route_norm=True), r"route_norm"),
     (dict(activation="swiglo"), r"activation.*'swiglo'.*did you mean 'swiglu'"),
     (dict(activation="relu"), r"did you mean 'relu2'"),
@@ -371,3 +371,91 @@ def test_time_budget_durations(text, seconds):
 def test_time_budget_must_be_a_positive_duration(text):
     with pytest.raises(NanodsError, match="is not a positive duration; use e.g. 90s"):
         parse_duration(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# number ranges: NaN and infinities never pass (NaN fails every comparison, so `x < 0` lets it in)
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("section, key, value, allowed", [
+    *[("model", key, value, "a finite number > 0") for key in ("norm_eps", "rope_theta", "route_scale")
+      for value in (NAN, INF, 0.0, -1.0)],
+    *[("model", key, value, "a finite number >= 0")
+      for key in ("bias_update_speed", "aux_loss_alpha", "mtp_loss_weight") for value in (NAN, INF, -0.5)],
+    *[("train", key, value, "a finite number > 0") for key in ("lr", "muon_lr") for value in (NAN, INF, -INF, 0.0)],
+    *[("train", key, value, "a finite number >= 0")
+      for key in ("weight_decay", "grad_clip") for value in (NAN, INF, -0.1)],
+    *[("train", "decay_frac", value, r"a finite number in \[0, 1\]") for value in (NAN, INF, -0.1, 1.5)],
+    *[("sample", "temperature", value, "a finite number >= 0") for value in (NAN, INF, -1.0)],
+    *[("sample", "top_p", value, r"a finite number in \(0, 1\]") for value in (NAN, INF, 0.0, 1.5)],
+])
+def test_a_number_outside_its_range_is_one_line_naming_it(section, key, value, allowed):
+    prefix = "" if section == "model" else f"{section}\\."  # model fields read the same in Python and in nanods.toml
+    with pytest.raises(NanodsError, match=f"^{prefix}{key} must be {allowed}, got {value}$"):
+        resolve_project({section: {key: value}})
+
+
+@pytest.mark.parametrize("section, key, value, allowed", [
+    ("train", "steps", 0, "an integer >= 1"),
+    ("train", "warmup_steps", -1, "an integer >= 0"),
+    ("train", "seq_len", 2**21, r"an integer in 1\.\.1048576"),
+    ("sample", "top_k", -1, "an integer >= 0"),
+    ("sample", "max_new_tokens", 0, "an integer >= 1"),
+])
+def test_an_integer_setting_outside_its_range_names_it(section, key, value, allowed):
+    with pytest.raises(NanodsError, match=f"^{section}\\.{key} must be {allowed}, got {value}$"):
+        resolve_project({section: {key: value}})
+
+
+def test_the_ends_of_each_range_are_accepted():
+    p = resolve_project({"model": {"bias_update_speed": 0, "aux_loss_alpha": 0, "mtp_loss_weight": 0},
+                        "train": {"weight_decay": 0, "grad_clip": 0, "decay_frac": 1, "warmup_steps": 0},
+                        "sample": {"temperature": 0, "top_p": 1, "top_k": 0, "max_new_tokens": 1}})
+    assert p.model.bias_update_speed == 0 and p.train.grad_clip == 0 and p.sample.top_p == 1
+    assert resolve_project({"train": {"decay_frac": 0}, "sample": {"top_p": 1e-9, "top_k": None}}).train.decay_frac == 0
+
+
+def test_a_nan_from_the_command_line_is_refused_too():
+    with pytest.raises(NanodsError, match=r"^train\.grad_clip must be a finite number >= 0, got nan$"):
+        resolve_project({}, sets=["train.grad_clip=nan"])
+
+
+# ---------------------------------------------------------------------------------------------
+# size bounds: absurd sizes fail at once, naming the field and the bound
+
+
+@pytest.mark.parametrize("key, value, bound", [
+    ("n_layer", 100_000, 1024),
+    ("n_layer", 3_000_000, 1024),
+    ("vocab_size", 10**9, 2**20),
+    ("sequence_len", 2**21, 2**20),
+    ("n_embd", 2**17, 2**16),
+    ("n_head", 2048, 1024),
+    ("num_experts", 5000, 4096),
+    ("ffn_hidden", 2**19, 2**18),
+    ("first_k_dense", 2000, 1024),
+])
+def test_absurd_sizes_fail_at_once(key, value, bound):
+    with pytest.raises(NanodsError, match=f"^{key} must be an integer in [01]\\.\\.{bound}, got {value}$"):
+        NanoDeepSeekConfig(**{key: value})
+
+
+def test_the_largest_allowed_sizes_are_accepted():
+    from nanods.config import MAX_LAYERS, MAX_SEQUENCE_LEN, MAX_VOCAB_SIZE
+
+    c = NanoDeepSeekConfig(n_layer=MAX_LAYERS, vocab_size=MAX_VOCAB_SIZE, sequence_len=MAX_SEQUENCE_LEN)
+    assert (c.n_layer, c.vocab_size, c.sequence_len) == (1024, 2**20, 2**20)
+
+
+def test_the_vocab_bound_is_the_bpe_trainers():
+    from nanods.config import MAX_VOCAB_SIZE
+    from nanods.tokenizer import MAX_BPE_VOCAB
+
+    assert MAX_VOCAB_SIZE == MAX_BPE_VOCAB
+
+
+def test_from_dict_names_where_a_bad_value_came_from():
+    with pytest.raises(NanodsError, match=r"^nanods.config of x.safetensors: n_layer must be an integer in 1\.\.1024"):
+        NanoDeepSeekConfig.from_dict({"n_layer": 3_000_000}, "nanods.config of x.safetensors")

@@ -1,13 +1,16 @@
 import json
+import os
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from nanods.data import Batches, cache_dir, load_corpus, load_tokenizer, tokenize
+from nanods.data import TOKENS_HEADER, Batches, cache_dir, load_corpus, load_tokenizer, tokenize
 from nanods.errors import NanodsError
-from nanods.tokenizer import byte_tokenizer
+from nanods.tokenizer import MAX_BPE_VOCAB, byte_tokenizer, train_bpe
 
 TEST_DIRS = {"test", "tests", "idle_test"}
 
@@ -25,6 +28,32 @@ def cache(tmp_path, monkeypatch):
 
 def paragraphs(n: int) -> str:
     return "\n\n".join(f"paragraph {i}: def f{i}(x):\n    return x * {i}  # ünïcode 🙂" for i in range(n))
+
+
+def without_hanging(fn, fifo: Path):
+    """fn() in a daemon thread; should it block opening fifo, the FIFO is released so the test fails
+    instead of hanging."""
+    out = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except Exception as e:
+            out["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a reader is waiting, so this opens and releases it
+        pytest.fail(f"blocked on the FIFO '{fifo}'")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"),
+                                reason="needs FIFOs and /dev/zero")
 
 
 def test_stdlib_corpus(stdlib):
@@ -168,7 +197,7 @@ def test_tokenize_is_cached(tmp_path, cache, kind):
     assert splits.val.tolist() == expected
     assert (splits.train == tok.eot_id).sum() == len(corpus.train)
     files = sorted((cache / "tokens").iterdir())
-    assert [f.name.rsplit("-", 1)[-1] for f in files] == ["train.bin", "val.bin"]
+    assert [f.name.rsplit("-", 1)[-1] for f in files] == ["train.tokens", "val.tokens"]
     mtimes = [f.stat().st_mtime_ns for f in files]
     start = time.perf_counter()
     again = tokenize(corpus, tok)
@@ -202,7 +231,7 @@ def test_ranks_and_micro_batches_split_the_same_global_batch():
 def test_batches_edge_cases():
     x, y = Batches(np.arange(9, dtype=np.uint16), 3, 3, 8, seed=0).get(0)  # exactly seq_len + 1 tokens
     assert x[0].tolist() == list(range(8)) and y[0].tolist() == list(range(1, 9))
-    with pytest.raises(NanodsError, match="has 8 tokens.*smaller seq_len or more data"):
+    with pytest.raises(NanodsError, match="the train split has 8 tokens.*smaller train.seq_len or more data"):
         Batches(np.arange(8, dtype=np.uint16), 1, 1, 8, seed=0)
     with pytest.raises(ValueError, match="rank"):
         Batches(np.arange(100, dtype=np.uint16), 2, 1, 8, seed=0, rank=2, world_size=2)
@@ -218,3 +247,120 @@ def test_tokenize_then_batch(tmp_path, cache):
     train = tokenize(corpus, tok).train
     x, y = Batches(train, 2, 2, 32, seed=0).get(0)
     assert tok.decode(x[0].tolist())[1:] == tok.decode(y[0].tolist())[:-1]
+
+
+@needs_fifo
+def test_folder_skips_what_is_not_a_regular_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("nanods.data.MAX_CORPUS_BYTES", 10_000)  # should /dev/zero be read after all, stop soon
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "a.txt").write_text("alpha\n", encoding="utf-8")
+    (root / "b.md").write_text("beta\n", encoding="utf-8")
+    os.mkfifo(root / "pipe.txt")
+    (root / "zero.txt").symlink_to("/dev/zero")
+    (root / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    (root / "link.txt").symlink_to(root / "pipe.txt")
+    corpus = without_hanging(lambda: load_corpus(str(root)), root / "pipe.txt")
+    assert sorted(corpus.train_names + corpus.val_names) == ["a.txt", "b.md"]
+    assert corpus.notes == ["skipped 'gone.txt': a broken symlink, not a regular file",
+                            "skipped 'link.txt': a symlink to a FIFO, not a regular file",
+                            "skipped 'pipe.txt': a FIFO, not a regular file",
+                            "skipped 'zero.txt': a symlink to a character device, not a regular file"]
+    for name in ("a.txt", "b.md", "gone.txt", "link.txt"):
+        (root / name).unlink()
+    with pytest.raises(NanodsError, match="no documents.*skipped 'pipe.txt': a FIFO.* and 1 more like it"):
+        without_hanging(lambda: load_corpus(str(root)), root / "pipe.txt")
+
+
+@needs_fifo
+def test_data_path_must_be_a_regular_file_or_folder(tmp_path):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(NanodsError, match="pipe.txt' is a FIFO, not a regular file or folder: point data at"):
+        without_hanging(lambda: load_corpus(str(fifo)), fifo)
+    zero = tmp_path / "zero.txt"
+    zero.symlink_to("/dev/zero")
+    with pytest.raises(NanodsError, match="zero.txt' is a symlink to a character device, not a regular file or"):
+        load_corpus(str(zero))
+
+
+def test_corpus_size_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr("nanods.data.MAX_CORPUS_BYTES", 100)
+    (tmp_path / "exact.txt").write_text("x" * 100, encoding="utf-8")
+    assert load_corpus(str(tmp_path / "exact.txt")).n_bytes == 100
+    (tmp_path / "big.txt").write_text("x" * 101, encoding="utf-8")
+    with pytest.raises(NanodsError, match=r"big.txt' is 101 bytes, over the corpus limit of 100 bytes"):
+        load_corpus(str(tmp_path / "big.txt"))
+    root = tmp_path / "src"
+    root.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (root / name).write_text("y" * 60, encoding="utf-8")
+    with pytest.raises(NanodsError, match=r"b.txt' is 60 bytes and the files read before it 60 bytes, over the "
+                                          r"corpus limit of 100 bytes"):
+        load_corpus(str(root))
+    if Path("/proc/self/status").exists():  # reports size 0 but holds far more than 100 bytes
+        with pytest.raises(NanodsError, match=r"status' is more than 100 bytes, over the corpus limit"):
+            load_corpus("/proc/self/status")
+
+
+def cut_in_half(data: bytes) -> bytes:
+    return data[:len(data) // 2]
+
+
+@pytest.mark.parametrize("damage", [
+    cut_in_half,
+    lambda data: data[TOKENS_HEADER.size:],  # the old headerless format
+    lambda data: data[:10],  # shorter than a header
+    lambda data: data + b"\0\0",
+    lambda data: data[:8] + b"\x09" + data[9:],  # another format version
+    lambda data: data.replace(b"<u2", b"<u4", 1),
+], ids=["cut", "headerless", "shorter-than-header", "extra-bytes", "other-version", "other-dtype"])
+def test_damaged_token_cache_is_rebuilt(tmp_path, cache, damage):
+    path = tmp_path / "book.txt"
+    path.write_text(paragraphs(100), encoding="utf-8")
+    corpus, tok = load_corpus(str(path)), byte_tokenizer()
+    splits = tokenize(corpus, tok)
+    train_file = next((cache / "tokens").glob("*-train.tokens"))
+    good = train_file.read_bytes()
+    train_file.unlink()  # a new file: writing over the memmapped one in place would break `splits`
+    train_file.write_bytes(damage(good))
+    notes = []
+    again = tokenize(corpus, tok, note=notes.append)
+    assert len(notes) == 1 and f"'{train_file}' is damaged" in notes[0] and "rebuilding it" in notes[0]
+    assert train_file.read_bytes() == good and np.array_equal(again.train, splits.train)
+    assert not list(train_file.parent.glob(".*.tmp"))
+    tokenize(corpus, tok, note=notes.append)
+    assert len(notes) == 1  # a sound cache is used silently
+
+
+def test_damaged_tokenizer_cache_is_retrained(tmp_path, cache):
+    path = tmp_path / "book.txt"
+    path.write_text(paragraphs(60), encoding="utf-8")
+    corpus = load_corpus(str(path))
+    bpe = load_tokenizer(corpus, "bpe", 300)
+    stored = cache / "tokenizers" / f"{corpus.fingerprint}-bpe300.json"
+    good = stored.read_bytes()
+    for damaged in (cut_in_half(good), b"\xff\xfe" + good, b'{"model": {"type": "BPE"}}'):
+        stored.write_bytes(damaged)
+        notes = []
+        assert load_tokenizer(corpus, "bpe", 300, note=notes.append).fingerprint() == bpe.fingerprint()
+        assert len(notes) == 1 and f"the cached tokenizer '{stored}' is damaged" in notes[0]
+        assert stored.read_bytes() == good
+    load_tokenizer(corpus, "bpe", 300, notes.append)
+    assert len(notes) == 1
+
+
+def test_short_split_is_named():
+    with pytest.raises(NanodsError, match=r"the val split has 21 tokens \(val is about 5% of the corpus\) but a "
+                                          r"sequence of 128 needs at least 129; use a smaller train.seq_len"):
+        Batches(np.arange(21, dtype=np.uint16), 1, 1, 128, seed=0, split="val")
+    with pytest.raises(NanodsError, match="the train split has 21 tokens but"):
+        Batches(np.arange(21, dtype=np.uint16), 1, 1, 128, seed=0)
+
+
+def test_bpe_vocab_size_is_bounded():
+    start = time.perf_counter()
+    for size in (MAX_BPE_VOCAB + 1, 10**9):
+        with pytest.raises(NanodsError, match=r"model.vocab_size \(.*\) is above the BPE maximum of 1,048,576"):
+            train_bpe(["some text"], size)
+    assert time.perf_counter() - start < 1  # refused before any training

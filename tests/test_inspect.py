@@ -71,20 +71,64 @@ def test_a_multi_gigabyte_checkpoint_is_inspected_from_its_header(tmp_path):
     assert info["params_total"] == sum(p.numel() for p in model.parameters())
 
 
-def test_missing_component_names_its_package(tmp_path):
-    path = _checkpoint(tmp_path)
-    tensors = path.read_bytes()
-    n = struct.unpack("<Q", tensors[:8])[0]
-    header = json.loads(tensors[8:8 + n])
-    cfg = json.loads(header["__metadata__"]["nanods.config"])
-    cfg["router"] = "no-such-router"
-    header["__metadata__"]["nanods.config"] = json.dumps(cfg)
-    header["__metadata__"]["nanods.components"] = json.dumps({"router": {"name": "no-such-router", "dist": "nanods-no-such-router"}})
+def _edit_metadata(path, config=None, **metadata):
+    """Rewrite a checkpoint's header in place: nanods.config fields from `config`, other keys as given."""
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    meta = header["__metadata__"]
+    meta["nanods.config"] = json.dumps({**json.loads(meta["nanods.config"]), **(config or {})})
+    meta.update({key.replace("_", ".", 1): value for key, value in metadata.items()})
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + tensors[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def test_missing_component_names_its_package(tmp_path):
+    path = _checkpoint(tmp_path)
+    _edit_metadata(path, {"router": "no-such-router"}, nanods_components=json.dumps(
+        {"router": {"name": "no-such-router", "dist": "nanods-no-such-router"}}))
     with pytest.raises(NanodsError, match="router 'no-such-router' from package 'nanods-no-such-router'.*pip install nanods-no-such-router"):
         checkpoint.load(path)
+
+
+@pytest.mark.parametrize("n_layer, problem", [
+    (1000, (r"does not match its config: nanods.config describes 1000 layers stored as [\d,]+ tensors "
+            r"\([\d,]+ values\), but the file holds \d+ tensors \([\d,]+ values\); it is damaged or was edited$")),
+    (3_000_000, r"n_layer must be an integer in 1\.\.1024, got 3000000$"),
+])
+def test_a_header_claiming_more_layers_than_it_stores_fails_fast(tmp_path, n_layer, problem):
+    path = _checkpoint(tmp_path)  # 2 layers of tensors
+    _edit_metadata(path, {"n_layer": n_layer})
+    start = time.perf_counter()
+    with pytest.raises(NanodsError, match=problem) as info:
+        checkpoint_report(path)
+    assert time.perf_counter() - start < 2.0
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_header_whose_shapes_disagree_with_its_config_is_refused(tmp_path):
+    path = _checkpoint(tmp_path)
+    _edit_metadata(path, {"tie_embeddings": True})  # the file also stores lm_head.weight: one tensor too many
+    with pytest.raises(NanodsError, match="does not match its config"):
+        checkpoint_report(path)
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("nanods_step", "three", "its nanods.step metadata is not valid JSON"),
+    ("nanods_step", "-1", "its nanods.step metadata is '-1', not a step count"),
+    ("nanods_components", "{", "its nanods.components metadata is not valid JSON"),
+    ("nanods_components", json.dumps({"router": {"name": "sigmoid"}}), "components metadata is not an object of"),
+    ("nanods_expert_load", "[[0.25, 0.25", "its nanods.expert_load metadata is not valid JSON"),
+    ("nanods_expert_load", json.dumps([[0.5, "x"]]), "nanods.expert_load metadata is not a list of per-layer lists"),
+    ("nanods_expert_load", json.dumps([[]]), "nanods.expert_load metadata is not a list of per-layer lists"),
+])
+def test_damaged_metadata_is_one_line_naming_the_file(tmp_path, key, value, problem):
+    path = _checkpoint(tmp_path)
+    _edit_metadata(path, **{key: value})
+    with pytest.raises(NanodsError, match=problem) as info:
+        checkpoint_report(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_safetensors_without_nanods_metadata_is_reported(tmp_path):
@@ -103,7 +147,8 @@ def test_a_tensor_of_the_wrong_shape_is_one_clear_error(tmp_path):
     name = "blocks.0.ffn.experts.w_in"
     tensors[name] = tensors[name].transpose(1, 2).contiguous()  # the layout before experts became (E, out, in)
     save_file(tensors, path, metadata=metadata)
-    with pytest.raises(NanodsError, match=r"does not match its config: size mismatch for blocks\.0\.ffn\.experts\.w_in"):
+    with pytest.raises(NanodsError, match=r"tensor 'blocks\.0\.ffn\.experts\.w_in' is \[4, 64, 96\] float32, "
+                       r"expected \[4, 96, 64\]"):
         checkpoint.load(path)
 
 

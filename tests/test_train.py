@@ -2,47 +2,24 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import losses, project
 import torch
 from safetensors.torch import load_file
 
 import nanods
 from nanods import checkpoint
-from nanods.config import resolve_project
 from nanods.errors import NanodsError
 from nanods.model import NanoDeepSeek
 from nanods.safetensors_header import read_header
 from nanods.train import loop
 from nanods.train.loop import RunOptions, train
-
-SOURCE = Path(__file__).resolve().parent.parent / "nanods"
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    """A small folder corpus (nanods' own sources) and a private token cache."""
-    monkeypatch.setenv("NANODS_CACHE", str(tmp_path / "cache"))
-    return str(SOURCE)
-
-
-def project(corpus, out, *sets):
-    base = [f"train.data={json.dumps(corpus)}", "train.tokenizer=byte", f"train.out={json.dumps(str(out))}",
-            "train.steps=8", "train.batch_size=4", "train.micro_batch_size=2", "train.seq_len=32",
-            "train.eval_every=4", "train.eval_batches=2", "train.warmup_steps=2", "train.sample_tokens=0",
-            "train.device=cpu", "model.n_layer=2", "model.sequence_len=64"]
-    return resolve_project({}, scale="tiny", sets=base + list(sets))
-
-
-def losses(out):
-    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monkeypatch):
     assert train(project(corpus, tmp_path / "a"), RunOptions()) == 0
@@ -54,7 +31,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monk
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(loop.TrainReport, "step", interrupt_after_3)
-    assert train(project(corpus, tmp_path / "b"), RunOptions()) == 0
+    assert train(project(corpus, tmp_path / "b"), RunOptions()) == 128 + signal.SIGINT  # stopped, saved, exit 130
     assert read_header(tmp_path / "b" / "ckpt.safetensors")[1]["nanods.step"] == "3"
     monkeypatch.setattr(loop.TrainReport, "step", original_step)
     assert train(project(corpus, tmp_path / "b"), RunOptions(resume=True)) == 0
@@ -128,36 +105,50 @@ def test_init_from_starts_a_new_run_from_weights(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_at_any_moment_leaves_a_loadable_matching_pair(corpus, tmp_path):
-    """Kill a training process (saving every step) at several moments; each time the pair loads and resumes."""
-    out = tmp_path / "run"
-    args = [sys.executable, "-m", "nanods", "train", "--scale", "tiny", "--out", str(out), "--steps", "400",
+def test_kill_9_at_random_moments_leaves_a_pair_that_resumes_exactly(corpus, tmp_path):
+    """Kill a training process (saving every step) 20 times at random moments; each time the pair loads, pairs by
+    run id and step, and resumes; the run finished after all that equals one never interrupted."""
+    args = [sys.executable, "-m", "nanods", "train", "--scale", "tiny", "--steps", "150", "--dtype", "float32",
             "--set", f"train.data={json.dumps(corpus)}", "--set", "train.tokenizer=byte", "--set", "train.eval_every=1",
             "--set", "train.eval_batches=1", "--set", "train.seq_len=32", "--set", "train.batch_size=2",
             "--set", "train.sample_tokens=0", "--device", "cpu"]
-    env = {**os.environ, "NANODS_CACHE": os.environ["NANODS_CACHE"]}
+    env = {**os.environ, "NANODS_CACHE": os.environ["NANODS_CACHE"], "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+
     def saved_step() -> int:
         try:
             return int(read_header(out / "ckpt.safetensors")[1]["nanods.step"])
         except NanodsError:  # not written yet
             return 0
 
+    rng = random.Random(0)
     steps_seen = [0]
-    for attempt, delay in enumerate([0.7, 1.3, 0.35]):
-        cmd = args + (["--resume"] if attempt else [])
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for attempt in range(20):
+        log = tmp_path / f"attempt{attempt}.log"
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(args + ["--out", str(out)] + (["--resume"] if steps_seen[-1] else []), env=env,
+                                    stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.time() + 60
         while saved_step() <= steps_seen[-1] and time.time() < deadline:  # this attempt is saving steps now
-            time.sleep(0.02)
-        time.sleep(delay)
+            assert proc.poll() is None, f"attempt {attempt} exited {proc.returncode}: {log.read_text()[-2000:]}"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         model, _ = nanods.load(out / "ckpt.safetensors")
-        step = int(read_header(out / "ckpt.safetensors")[1]["nanods.step"])
-        state, meta = checkpoint.latest_state(out, step)
-        assert meta["step"] == step and state
+        _, meta = read_header(out / "ckpt.safetensors")
+        step = int(meta["nanods.step"])
+        state, train_meta = checkpoint.latest_state(out, step, meta["nanods.run"])
+        assert train_meta["step"] == step and state
         steps_seen.append(step)
     assert all(a < b for a, b in zip(steps_seen, steps_seen[1:])), steps_seen  # every resume made progress
+    finish = subprocess.run(args + ["--out", str(out), "--resume"], env=env, capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr[-2000:]
+    assert not list(out.glob(".*.tmp"))
+    reference = subprocess.run(args + ["--out", str(tmp_path / "reference")], env=env, capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    wa, wb = load_file(out / "ckpt.safetensors"), load_file(tmp_path / "reference" / "ckpt.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_resume_is_exact_with_muon_too(corpus, tmp_path, monkeypatch):
@@ -170,7 +161,7 @@ def test_resume_is_exact_with_muon_too(corpus, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(loop.TrainReport, "step", interrupt_after_5)
-    train(project(corpus, tmp_path / "b", "train.optimizer=muon"), RunOptions())
+    assert train(project(corpus, tmp_path / "b", "train.optimizer=muon"), RunOptions()) == 130
     monkeypatch.setattr(loop.TrainReport, "step", original_step)
     train(project(corpus, tmp_path / "b", "train.optimizer=muon"), RunOptions(resume=True))
     assert losses(tmp_path / "a") == losses(tmp_path / "b")

@@ -8,10 +8,11 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
+import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,16 @@ from nanods.device import resolve_device, resolve_dtype
 from nanods.errors import NanodsError
 from nanods.flops import flops_per_token
 from nanods.layers.ffn.moe import update_expert_bias
+from nanods.memory import check_training_fits
 from nanods.model import NanoDeepSeek
 from nanods.peak import matmul_peak
+from nanods.terminal import escape, printable
 from nanods.tokenizer import Tokenizer
 from nanods.train.distributed import full_state_dict, init_world, shutdown, wrap
+from nanods.train import optim_state
 from nanods.train.optim import build_optimizers, describe_split
 from nanods.train.report import TrainReport
+from nanods.train.run_dir import RunDir
 from nanods.train.schedule import lr_factor
 
 # settings that must not change under --resume (everything that decides what a step computes)
@@ -52,6 +57,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.set = False
+        self.signal = 0  # the first signal received: the exit code is 128 + it
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
@@ -62,7 +68,7 @@ class StopFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.set and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.set = True
+        self.set, self.signal = True, self.signal or signum
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():
@@ -97,33 +103,48 @@ class Trainer:
                              else " (auto)" if s.dtype == "auto" else ""))
         if self.world.distributed:
             self.report.print(f"data parallel: {self.world.world_size} processes ({s.parallel})")
+        self.run_dir = RunDir(out_dir)
+        self._lock_out_dir()
+        try:
+            self._setup(project, run)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, project: Project, run: RunOptions) -> None:
+        s, out_dir = self.settings, self.out_dir
         self._check_out_dir()
         if s.parallel == "fsdp" and run.resume:
-            raise NanodsError("resuming an FSDP run is not supported yet; continue it with --init-from, "
-                              "or train with the default train.parallel = \"ddp\"")
+            raise NanodsError("--resume does not run under train.parallel = \"fsdp\" (FSDP saves no optimizer "
+                              "state); resume with train.parallel = \"ddp\", or start a new run from the weights: "
+                              f"nanods train --init-from {self._weights_arg()} --out NEW_DIR")
         resumed = self._resume_state() if run.resume else None
+        self.run_id = resumed["run_id"] if resumed else uuid.uuid4().hex[:16]
         self.corpus = load_corpus(s.data, tuple(s.extensions))
+        for note in self.corpus.notes:
+            self.report.print(f"data: {escape(note)}")
         source = resumed or (self._init_source() if run.init_from else None)
         with self.world.main_first():  # rank 0 trains the tokenizer and fills the token cache
             if source is not None:
                 model_config, tokenizer = source["config"], source["tokenizer"]
             else:
-                tokenizer = load_tokenizer(self.corpus, s.tokenizer, project.model.vocab_size)
+                tokenizer = load_tokenizer(self.corpus, s.tokenizer, project.model.vocab_size, self._note)
                 model_config = _sized_config(project.model, tokenizer)
             if resumed is not None:
                 self._refuse_changes(resumed, project, model_config)
-            tokens = tokenize(self.corpus, tokenizer)
+            tokens = tokenize(self.corpus, tokenizer, self._note)
         self.tokenizer = tokenizer
         self.train_tokens, self.val_tokens = tokens.train, tokens.val
         self.bytes_per_token = _bytes_per_token(self.corpus, len(tokens.val))
         micro = s.micro_batch_size or max(1, s.batch_size // self.world.world_size)  # default: no accumulation
         self.batches = Batches(self.train_tokens, s.batch_size, micro, s.seq_len, s.seed,
                                self.world.rank, self.world.world_size)
-        self.val_batches = Batches(self.val_tokens, micro * s.eval_batches, micro, s.seq_len, s.seed + 1)
+        self.val_batches = Batches(self.val_tokens, micro * s.eval_batches, micro, s.seq_len, s.seed + 1, split="val")
         self.accum = self.batches.accum
         if s.seq_len > model_config.sequence_len:
             raise NanodsError(f"train.seq_len ({s.seq_len}) exceeds the model's sequence_len ({model_config.sequence_len})")
 
+        check_training_fits(model_config, micro, s.seq_len, self.dtype, self.device)  # before allocating anything
         torch.manual_seed(s.seed)
         self.model = NanoDeepSeek(model_config).to(self.device)
         if source is not None:
@@ -140,10 +161,36 @@ class Trainer:
         self.expert_counts: torch.Tensor | None = None
         self.stopped = False  # by SIGINT/SIGTERM: no sample at the end, the user wants out
         self.last_good_step: int | None = resumed["step"] if resumed else None
-        out_dir.mkdir(parents=True, exist_ok=True)  # only once everything checked out: a failed start leaves no trace
+        self.replacing = self.opts.overwrite and (out_dir / checkpoint.WEIGHTS).exists()
+        if self.replacing and self.world.is_main:  # only once everything checked out: a failed start changes nothing
+            self.run_dir.set_aside(self.run_id)
         self.report.begin(self.step, self.total)
 
     # ---- setup ------------------------------------------------------------------------------
+    def _lock_out_dir(self) -> None:
+        """Rank 0 locks the run folder and repairs what an interrupted trainer left; all ranks see a refusal."""
+        refusal = None
+        if self.world.is_main:
+            try:
+                self.run_dir.acquire()
+                self.run_dir.recover(self.report.print)
+            except NanodsError as e:
+                refusal = e
+        if self.world.any(refusal is not None, self.device):
+            raise refusal or NanodsError(f"rank 0 could not take the run folder '{self.out_dir}' (see its error)")
+
+    def close(self) -> None:
+        """Release the run folder; a run that ended before its first save gives back the run it replaced."""
+        if self.world.is_main:
+            self.run_dir.recover(self.report.print)
+            self.run_dir.release()
+
+    def _note(self, text: str) -> None:
+        self.report.print(f"[yellow]note:[/] {escape(text)}")
+
+    def _weights_arg(self) -> str:
+        return str(self.out_dir / checkpoint.WEIGHTS)
+
     def _check_out_dir(self) -> None:
         weights = self.out_dir / checkpoint.WEIGHTS
         if weights.exists() and not self.opts.resume and not self.opts.overwrite:
@@ -159,11 +206,20 @@ class Trainer:
         model, tokenizer = checkpoint.load(path, "cpu")
         _, meta = checkpoint.read_header(path)
         return {"config": model.config, "tokenizer": tokenizer, "weights": model.state_dict(),
-                "step": int(meta.get("nanods.step", 0)), "data": json.loads(meta.get("nanods.data", "{}"))}
+                "step": checkpoint.metadata_step(meta, path), "run_id": meta.get("nanods.run", "")}
 
     def _resume_state(self) -> dict[str, Any]:
-        source = self._read_checkpoint(self.out_dir / checkpoint.WEIGHTS)
-        source["state"], source["meta"] = checkpoint.latest_state(self.out_dir, source["step"])
+        path = self.out_dir / checkpoint.WEIGHTS
+        source = self._read_checkpoint(path)
+        source["state"], source["meta"] = checkpoint.latest_state(self.out_dir, source["step"], source["run_id"])
+        state_file = checkpoint.state_path(self.out_dir, source["step"])
+        meta = source["meta"]
+        if not isinstance(meta.get("settings"), dict) or not isinstance(meta.get("optimizers"), list):
+            raise NanodsError(f"'{state_file}' is damaged: its nanods.train metadata lacks settings or optimizers")
+        if meta["settings"].get("parallel") == "fsdp" or not meta["optimizers"]:
+            raise NanodsError(f"'{path}' was saved by an FSDP run, which keeps no optimizer state, so it cannot be "
+                              f"resumed exactly; start a new run from its weights: nanods train --init-from "
+                              f"{self._weights_arg()} --out NEW_DIR")
         return source
 
     def _init_source(self) -> dict[str, Any]:
@@ -171,7 +227,7 @@ class Trainer:
         if not path.is_file():
             raise NanodsError(f"--init-from '{path}' not found")
         source = self._read_checkpoint(path)
-        self.report.print(f"initialised from {path} (step {source['step']}); a new run starts at step 0")
+        self.report.print(f"initialised from {escape(path)} (step {source['step']}); a new run starts at step 0")
         return source
 
     def _refuse_changes(self, resumed: dict[str, Any], project: Project, model_config: NanoDeepSeekConfig) -> None:
@@ -179,28 +235,32 @@ class Trainer:
         stored_train = resumed["meta"]["settings"]
         new_train = asdict(self.settings)
         problems = _diff(model_config.to_dict(), requested, "model.")
-        problems += _diff({k: stored_train[k] for k in FROZEN_TRAIN}, {k: new_train[k] for k in FROZEN_TRAIN}, "train.")
-        if resumed["meta"]["data_fingerprint"] != self.corpus.fingerprint:
-            problems.append(f"data fingerprint: {resumed['meta']['data_fingerprint']} -> {self.corpus.fingerprint}")
+        problems += _diff({k: stored_train.get(k) for k in FROZEN_TRAIN}, {k: new_train[k] for k in FROZEN_TRAIN},
+                          "train.")
+        if resumed["meta"].get("data_fingerprint") != self.corpus.fingerprint:
+            problems.append(f"data fingerprint: {resumed['meta'].get('data_fingerprint')} -> {self.corpus.fingerprint}")
         if problems:
             raise NanodsError("--resume refuses a changed run (start a new one with --init-from, or undo): "
                               + "; ".join(problems))
 
     def _load_train_state(self, resumed: dict[str, Any]) -> None:
         meta, state = resumed["meta"], resumed["state"]
-        self.step, self.elapsed, self.tokens_seen = meta["step"], meta["elapsed"], meta["tokens_seen"]
-        self.total = meta["total"]
+        path = checkpoint.state_path(self.out_dir, resumed["step"])
+        try:
+            self.step, self.total = int(meta["step"]), int(meta["total"])
+            self.elapsed, self.tokens_seen = float(meta["elapsed"]), int(meta["tokens_seen"])
+        except (KeyError, TypeError, ValueError):
+            raise NanodsError(f"'{path}' is damaged: its nanods.train metadata lacks the run's progress") from None
+        if self.step != resumed["step"] or not self.step <= self.total or not math.isfinite(self.elapsed):
+            raise NanodsError(f"'{path}' is damaged: step {self.step} of {self.total} does not pair with the "
+                              f"weights' step {resumed['step']}")
         if self.opts.steps_given and self.settings.steps != self.total:
             if self.settings.steps <= self.step:
                 raise NanodsError(f"--steps {self.settings.steps} is not beyond the saved step {self.step}")
             self.report.print(f"re-planned the schedule's tail: total {self.total} -> {self.settings.steps} steps "
                               f"from step {self.step}")
             self.total = self.settings.steps
-        for i, optimizer in enumerate(self.optimizers):
-            kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
-            optimizer.load_state_dict(_unflatten_optimizer(state, meta["optimizers"][i], i))
-            for group, kernel in zip(optimizer.param_groups, kernels):  # this machine's choice, not the saved one
-                group.update(kernel)
+        optim_state.restore(self.optimizers, self.model, state, meta["optimizers"], path)
         self.report.print(f"resumed at step {self.step} of {self.total}")
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -268,26 +328,30 @@ class Trainer:
         """Rank 0 writes the checkpoint pair (under FSDP every rank helps gather the full weights)."""
         s = self.settings
         path = self.out_dir / checkpoint.WEIGHTS
-        self.last_good_step = self.step
+        kept, self.last_good_step = self.last_good_step, self.step
         fsdp = self.world.distributed and s.parallel == "fsdp"
         if not (self.world.is_main or fsdp):
             return path
         weights = full_state_dict(self.model, self.world, s.parallel)
         if not self.world.is_main:
             return path
-        state, opt_meta = {}, []
         # FSDP shards optimizer state; its runs are saved without it (resume them with --init-from)
-        for i, optimizer in enumerate([] if fsdp else self.optimizers):
-            tensors, meta_i = _flatten_optimizer(optimizer.state_dict(), i)
-            state.update(tensors)
-            opt_meta.append(meta_i)
+        state, opt_meta = optim_state.flatten([] if fsdp else self.optimizers)
         meta = {"step": self.step, "total": self.total, "elapsed": self.elapsed, "tokens_seen": self.tokens_seen,
-                "settings": asdict(s), "optimizers": opt_meta, "data_fingerprint": self.corpus.fingerprint,
-                "data_position": self.step}
+                "settings": asdict(s), "optimizers": opt_meta, "data_fingerprint": self.corpus.fingerprint}
         data = {"corpus": self.corpus.name, "fingerprint": self.corpus.fingerprint, "split": self.corpus.split_rule,
                 "tokens_seen": self.tokens_seen}
-        checkpoint.save(self.out_dir, weights, self.model.config, self.tokenizer, self.step, data, state, meta,
-                        self.expert_load())
+        try:
+            checkpoint.save(self.out_dir, weights, self.model.config, self.tokenizer, self.step, data, state, meta,
+                            self.expert_load(), self.run_id)
+        except OSError as e:  # a full disk, a quota, a folder made read-only: the previous pair is untouched
+            previous = f"the checkpoint of step {kept} is kept" if kept else "no checkpoint was written"
+            raise NanodsError(f"could not save step {self.step} in '{self.out_dir}' ({e.strerror or e}); "
+                              f"{previous}. Free space or fix the folder, then run again (--resume "
+                              "continues a saved run)") from e
+        if self.replacing:
+            self.run_dir.finish_overwrite()
+            self.replacing = False
         return path
 
     def plan_budget(self, step_seconds: float) -> None:
@@ -342,14 +406,15 @@ class Trainer:
                     path = self.save() if self.last_good_step != self.step else self.out_dir / checkpoint.WEIGHTS
                     self.report.close()
                     self.stopped = True
-                    self.report.print(f"stopped at step {self.step} of {self.total}; saved {path}.\n"
-                                      f"resume with: nanods train --resume --out {self.out_dir} (and the same options)")
-                    return 0
+                    self.report.print(f"stopped at step {self.step} of {self.total}; saved {escape(path)}.\n"
+                                      f"resume with: nanods train --resume --out {escape(self.out_dir)} "
+                                      "(and the same options)")
+                    return 128 + stop.signal
         if self.last_good_step != self.step:
             self.save()
         self.report.close()
         self.report.print(f"done: {self.step} steps, {self.tokens_seen:,} tokens in {self.elapsed:.0f} s; "
-                          f"checkpoint {self.out_dir / checkpoint.WEIGHTS}")
+                          f"checkpoint {escape(self._weights_arg())}")
         return 0
 
     def sample(self) -> str:
@@ -365,41 +430,23 @@ class Trainer:
         return self.tokenizer.decode([t for t in out[0, 1:].tolist() if t != self.tokenizer.eot_id])
 
 
-def _flatten_optimizer(state_dict: dict[str, Any], index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer `index`'s state -> flat tensors for safetensors + JSON for the rest (no pickle)."""
-    tensors, scalars = {}, {}
-    for pid, values in state_dict["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer{index}.{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any], index: int) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        owner, pid, key = name.split(".", 2)
-        if owner == f"optimizer{index}":
-            state.setdefault(int(pid), {})[key] = value
-    for name, value in meta["scalars"].items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
 def train(project: Project, run: RunOptions) -> int:
     """Run `nanods train`; returns the exit code."""
     try:
         trainer = Trainer(project, Path(project.train.out), run)
-        code = trainer.run()
     except BaseException:
         shutdown(together=False)
         raise
+    try:
+        code = trainer.run()
+    except BaseException:
+        trainer.close()
+        shutdown(together=False)
+        raise
+    trainer.close()
     shutdown()
     text = trainer.sample()
     if text:
         trainer.report.print("[bold]sample:[/]")
-        print(text, flush=True)
+        print(printable(text) if sys.stdout.isatty() else text, flush=True)  # model output may hold escape codes
     return code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 from nanods.atomic import atomic_write
+from nanods.terminal import escape
 
 
 class TrainReport:
@@ -79,14 +81,37 @@ class TrainReport:
             self.bar.start()
         if not self.enabled or not self.metrics_path.exists():
             return
-        rows = [r for r in self.metrics_path.read_text(encoding="utf-8").splitlines() if r and json.loads(r)["step"] <= step]
-        self.metrics_path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        rows = [r for r in self.rows() if r["step"] <= step]
+        atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    def rows(self, warn: bool = True) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl; a line a failed write left torn (or any unreadable line) is dropped
+        with a warning, so a damaged log never blocks a run."""
+        rows, bad = [], []
+        with self.metrics_path.open("rb") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                except ValueError:  # also UnicodeDecodeError
+                    row = None
+                if isinstance(row, dict) and isinstance(row.get("step"), int):
+                    rows.append(row)
+                elif line.strip():
+                    bad.append(n)
+        if bad and warn:
+            self.print(f"[yellow]warning:[/] dropped {len(bad)} damaged line(s) of {escape(self.metrics_path)} "
+                       f"(line {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})")
+        return rows
 
     def _append(self, row: dict[str, Any]) -> None:
+        """One line, one write() on an O_APPEND file: a failure can only tear the last line."""
         if not self.enabled:
             return
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, (json.dumps(row) + "\n").encode())
+        finally:
+            os.close(fd)
 
     def plot(self) -> None:
         """loss.png: training loss and validation loss against step."""
@@ -95,7 +120,7 @@ class TrainReport:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines() if line]
+        rows = self.rows(warn=False)  # begin() already warned about (and dropped) damaged lines
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
@@ -115,5 +140,9 @@ class TrainReport:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        atomic_write(self.out_dir / "loss.png", lambda f: fig.savefig(f, format="png"))
-        plt.close(fig)
+        try:
+            atomic_write(self.out_dir / "loss.png", lambda f: fig.savefig(f, format="png"))
+        except OSError as e:  # the plot is a view of metrics.jsonl: a full disk must not stop training here
+            self.print(f"[yellow]warning:[/] could not write {escape(self.out_dir / 'loss.png')} ({e.strerror or e})")
+        finally:
+            plt.close(fig)

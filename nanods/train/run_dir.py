@@ -1,0 +1,165 @@
+"""A run folder holds one run, written by one trainer at a time.
+
+- An OS file lock (flock) on `.nanods.lock` is held for the trainer's life; the kernel drops it
+  when the process dies, so a kill -9 never leaves a stale lock behind.
+- `--overwrite` first moves the old run into `.replaced/` and deletes it only once the new run
+  has saved a complete checkpoint pair. If the new run dies before that, the next trainer to
+  take the lock (or the failing one itself) moves the old run back.
+- Temp files of a save cut short, and training states that pair with no weights, are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from nanods import checkpoint
+from nanods.atomic import atomic_write
+from nanods.errors import NanodsError
+from nanods.safetensors_header import read_header
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the folder is then not locked
+    fcntl = None
+
+LOCK = ".nanods.lock"
+ASIDE = ".replaced"
+RUN_FILES = re.compile(rf"^({re.escape(checkpoint.WEIGHTS)}|train_state_\d+\.safetensors|metrics\.jsonl|loss\.png)$")
+_TEMP = re.compile(r"^\.(ckpt\.safetensors|train_state_\d+\.safetensors|loss\.png|metrics\.jsonl)\..+\.tmp$")
+
+
+class RunDir:
+    """The run folder `path`: lock it, set an old run aside, recover from an interrupted trainer."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._created: list[Path] = []  # what acquire() made, removed again if no run ever lands here
+
+    # ---- the lock ---------------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Take the folder's lock, or refuse at once naming the process that holds it."""
+        if self.path.exists() and not self.path.is_dir():
+            raise NanodsError(f"--out '{self.path}' is a file, not a folder; pick another --out")
+        lock = self.path / LOCK
+        try:
+            if not self.path.exists():
+                self.path.mkdir(parents=True)
+                self._created.append(self.path)
+            if not lock.exists():
+                self._created.insert(0, lock)
+            self._fd = self._lock(lock)
+        except OSError as e:
+            raise NanodsError(f"cannot lock the run folder '{self.path}' ({e.strerror}); pick a writable --out") from None
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, json.dumps(owner).encode())
+
+    def _lock(self, lock: Path) -> int | None:
+        if fcntl is None:
+            return None
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_owner(fd)
+                os.close(fd)
+                raise NanodsError(f"'{self.path}' is in use by another trainer ({holder}); wait for it to end, "
+                                  "or pick another --out") from None
+            try:
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the holder removed the file as we opened it: lock the one there now
+
+    def release(self) -> None:
+        """Drop the lock; a folder that never received a run loses the lock file (and itself, if made here)."""
+        if self._fd is not None and not any(RUN_FILES.match(p.name) for p in self.path.iterdir()):
+            for made in self._created:
+                with contextlib.suppress(OSError):
+                    if made.name == LOCK:
+                        made.unlink()
+                    else:
+                        made.rmdir()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    # ---- one run per folder -----------------------------------------------------------------
+    def set_aside(self, new_run: str) -> None:
+        """--overwrite: move the old run into .replaced/ (it is deleted after the new run's first save)."""
+        aside = self.path / ASIDE
+        aside.mkdir()
+        atomic_write(aside / "replaced.json", json.dumps({"by_run": new_run}).encode())  # before any move
+        for item in sorted(self.path.iterdir()):
+            if RUN_FILES.match(item.name):
+                os.replace(item, aside / item.name)
+
+    def finish_overwrite(self) -> None:
+        """The new run has a complete checkpoint pair: the run it replaced can go."""
+        shutil.rmtree(self.path / ASIDE, ignore_errors=True)
+
+    def recover(self, note: Callable[[str], None]) -> None:
+        """Undo or finish an --overwrite that was cut short, and remove what a cut-short save left."""
+        for item in self.path.iterdir():
+            if _TEMP.match(item.name):
+                item.unlink(missing_ok=True)
+        aside = self.path / ASIDE
+        if aside.is_dir():
+            by_run = _json_field(aside / "replaced.json", "by_run")
+            if by_run is not None and _weights_run(self.path) != by_run:
+                self._restore(aside)
+                note(f"restored the run in '{self.path}' that an unfinished --overwrite had set aside")
+            shutil.rmtree(aside)
+        self._remove_orphan_states()
+
+    def _restore(self, aside: Path) -> None:
+        """Move the old run back over the replacing run's files (its states go as orphans next)."""
+        for item in aside.iterdir():
+            if RUN_FILES.match(item.name):
+                os.replace(item, self.path / item.name)
+
+    def _remove_orphan_states(self) -> None:
+        """Training states that pair with no weights here (a save cut short between its two files)."""
+        weights = self.path / checkpoint.WEIGHTS
+        try:
+            meta = read_header(weights)[1] if weights.exists() else {}
+            keep = checkpoint.state_path(self.path, checkpoint.metadata_step(meta, weights)) if meta else None
+        except NanodsError:
+            return  # damaged weights: leave everything for the user (resume will name the problem)
+        for state in self.path.glob("train_state_*.safetensors"):
+            if state != keep:
+                state.unlink(missing_ok=True)
+
+
+def _read_owner(fd: int) -> str:
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {int(owner['pid'])} on {owner['host']}, since {owner['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that is still starting"
+
+
+def _json_field(path: Path, key: str) -> str | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _weights_run(folder: Path) -> str | None:
+    try:
+        return read_header(folder / checkpoint.WEIGHTS)[1].get("nanods.run")
+    except NanodsError:
+        return None
