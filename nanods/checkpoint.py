@@ -31,7 +31,8 @@ WEIGHTS = "ckpt.safetensors"
 # 2: routed experts stored (E, out, in). Format 1 (no key) stored them (E, in, out), which a
 # square expert matrix would load transposed without a shape error.
 FORMAT = "2"
-_STATE = re.compile(r"train_state_(\d+)\.safetensors$")
+STATE_FILE = r"train_state_(\d+)\.safetensors"  # the training state of one step, beside the weights
+_STATE = re.compile(STATE_FILE + "$")
 
 
 def state_path(out_dir: Path, step: int) -> Path:
@@ -73,17 +74,16 @@ def save(out_dir: str | Path, weights: NanoDeepSeek | dict[str, torch.Tensor], c
         weights = weights.state_dict()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    new_state = state_path(out_dir, step)
+    new_state, path = state_path(out_dir, step), out_dir / WEIGHTS
     added = not new_state.exists()
     try:
         atomic_write(new_state, save_bytes({k: v.contiguous() for k, v in train_state.items()},
                                            {"nanods.train": json.dumps(train_meta), "nanods.step": str(step),
                                             "nanods.run": run_id}))
         meta = weights_metadata(config, tokenizer, step, data, expert_load) | {"nanods.run": run_id}
-        path = out_dir / WEIGHTS
         atomic_write(path, save_bytes(_weights(weights, config), meta))
     except BaseException:
-        if added:
+        if added and not _holds(path, step, run_id):  # atomic_write may fail after its replace (the folder fsync)
             new_state.unlink(missing_ok=True)
         raise
     for old in out_dir.glob("train_state_*.safetensors"):
@@ -92,17 +92,36 @@ def save(out_dir: str | Path, weights: NanoDeepSeek | dict[str, torch.Tensor], c
     return path
 
 
+def _holds(path: Path, step: int, run_id: str) -> bool:
+    """Whether the weights file at path is the one of `run_id` at `step`."""
+    try:
+        meta = read_header(path)[1]
+    except NanodsError:
+        return False
+    return meta.get("nanods.step") == str(step) and metadata_run(meta) == run_id
+
+
 _REQUIRED = object()
+
+
+def metadata_run(metadata: dict[str, str]) -> str:
+    """nanods.run: the id of the run that wrote a file ('' for files written before runs had ids)."""
+    return metadata.get("nanods.run", "")
+
+
+def metadata_text(metadata: dict[str, str], key: str, path: str | Path) -> str:
+    """The metadata string under `key`; its absence is an error naming the file."""
+    if key not in metadata:
+        raise NanodsError(f"'{path}' lacks its {key} metadata: it is damaged or was not written by nanods")
+    return metadata[key]
 
 
 def metadata_json(metadata: dict[str, str], key: str, path: str | Path, default: Any = _REQUIRED) -> Any:
     """The JSON value stored under `key` (or `default` when absent); damage is an error naming the file."""
-    if key not in metadata:
-        if default is _REQUIRED:
-            raise NanodsError(f"'{path}' lacks its {key} metadata: it is damaged or was not written by nanods")
+    if key not in metadata and default is not _REQUIRED:
         return default
     try:
-        return json.loads(metadata[key])
+        return json.loads(metadata_text(metadata, key, path))
     except json.JSONDecodeError as e:
         raise NanodsError(f"'{path}' is damaged: its {key} metadata is not valid JSON ({e.msg})") from None
 
@@ -179,12 +198,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[NanoDeep
     if config.use_moe and stored != FORMAT:
         raise NanodsError(f"'{path}' stores routed experts in checkpoint format {stored} (E, in, out); "
                           f"this nanods reads format {FORMAT} (E, out, in): train it again")
-    if "nanods.tokenizer" not in metadata:
-        raise NanodsError(f"'{path}' lacks its nanods.tokenizer metadata: it is damaged or was not written by nanods")
-    try:
-        tokenizer = Tokenizer.from_json(metadata["nanods.tokenizer"])
-    except NanodsError as e:
-        raise NanodsError(f"'{path}': {e}") from None
+    tokenizer = _tokenizer(metadata, path, config)
     with torch.device("meta"):
         model = NanoDeepSeek(config)
     expected = model.state_dict()  # names, shapes and dtypes, nothing allocated
@@ -203,6 +217,18 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[NanoDeep
     return model.to(device).eval(), tokenizer
 
 
+def _tokenizer(metadata: dict[str, str], path: Path, config: NanoDeepSeekConfig) -> Tokenizer:
+    """The stored tokenizer, which must fit the model: an id past the embedding would index out of bounds."""
+    try:
+        tokenizer = Tokenizer.from_json(metadata_text(metadata, "nanods.tokenizer", path))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a malformed tokenizer.json
+        raise NanodsError(f"'{path}' holds a damaged tokenizer ({str(e).splitlines()[0][:200]})") from None
+    if len(tokenizer) != (config.tokenizer_vocab_size or len(tokenizer)) or len(tokenizer) > config.vocab_size:
+        raise NanodsError(f"'{path}' is damaged: its tokenizer has {len(tokenizer):,} ids but the model was built "
+                          f"for {config.tokenizer_vocab_size or config.vocab_size:,}")
+    return tokenizer
+
+
 def _materialize_buffers(model: NanoDeepSeek) -> None:
     """Non-persistent buffers (expert counts) are not in the file: give them real zeros."""
     for module in model.modules():
@@ -219,7 +245,7 @@ def latest_state(out_dir: Path, step: int, run_id: str) -> tuple[dict[str, torch
         raise NanodsError(f"no training state for step {step} in '{out_dir}' ({path.name} is missing); "
                           "start a new run from the weights with --init-from instead")
     _, metadata = read_header(path)
-    if metadata.get("nanods.run", "") != run_id or metadata_step(metadata, path) != step:
+    if metadata_run(metadata) != run_id or metadata_step(metadata, path) != step:
         raise NanodsError(f"'{path}' belongs to another run than '{out_dir / WEIGHTS}' (run "
                           f"{metadata.get('nanods.run') or 'unrecorded'}, step {metadata.get('nanods.step')}; the "
                           f"weights are run {run_id or 'unrecorded'}, step {step}); start a new run from the "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -14,10 +15,37 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from nanods import __version__
 from nanods.errors import NanodsError
 from nanods.terminal import escape, printable
 
+
+class _PlainFlags:
+    """A command whose flags show no value type in --help.
+
+    typer's rich help (0.29) prints the value type of every option, a flag's too (`--resume <bool>`),
+    although a flag takes no value; an empty metavar leaves that cell blank. Done where the help
+    asks for the parameters, so it also reaches the --help option typer adds to every command.
+    """
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+class _Command(_PlainFlags, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_PlainFlags, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     name="nanods",
     help="nanoDeepSeek: train, sample, inspect and benchmark a small, faithful DeepSeek-V3.2 "
          "(MLA, DeepSeekMoE, auxiliary-loss-free routing).\n\n"
@@ -33,8 +61,18 @@ out = Console()
 DEBUG = {"on": bool(os.environ.get("NANODS_DEBUG"))}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"nanods {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     DEBUG["on"] = DEBUG["on"] or debug
 
 
@@ -43,7 +81,7 @@ def _print_json(obj: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 def components(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     check: Annotated[bool, typer.Option("--check", help="Import each component to see whether it loads.")] = False,
@@ -71,25 +109,53 @@ def components(
 
 
 # ---------------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 def init(
     path: Annotated[Path, typer.Argument(help="Where to write the project file.")] = Path("nanods.toml"),
     scale: Annotated[str, typer.Option(help="Preset to start from: tiny, small, base or large.")] = "small",
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
-    """Write a commented nanods.toml that `nanods train` will pick up."""
-    from nanods.config import preset
+    """Write a commented nanods.toml that `nanods train` will pick up.
 
-    preset(scale)
+    Its commented-out lines show the values the scale runs with (model size, steps, lr, budget...):
+    uncomment one to change it.
+    """
+    from nanods.config import resolve_project
+
+    project = resolve_project({}, scale=scale)  # an unknown scale fails here, before anything is written
     if path.exists() and not force:
         raise NanodsError(f"'{path}' already exists; pass --force to overwrite it")
-    text = resources.files("nanods").joinpath("templates/nanods.toml").read_text(encoding="utf-8")
-    path.write_text(text.replace("{scale}", scale), encoding="utf-8")
+    template = resources.files("nanods").joinpath("templates/nanods.toml").read_text(encoding="utf-8")
+    text = template.format(scale=scale, model=_TomlValues(project.model), sample=_TomlValues(project.sample),
+                           train=_TomlValues(project.train, time_budget='"5m"'))
+    # the values differ in width from scale to scale: line up the comments after them
+    text = re.sub(r"^(.*?\S) {2,}# ", lambda m: f"{m[1]:<28} # ", text, flags=re.MULTILINE)
+    path.write_text(text, encoding="utf-8")
     err.print(f"wrote {escape(path)}; edit it, then run `nanods train`")
 
 
+class _TomlValues:
+    """The fields of a settings object as TOML literals, for the init template's {model.n_layer} and such.
+
+    TOML has no null: an unset field shows the example given for it, marked as an example.
+    """
+
+    def __init__(self, settings: object, **examples: str) -> None:
+        self._settings, self._examples = settings, examples
+
+    def __getattr__(self, name: str) -> str:
+        value = getattr(self._settings, name)
+        if value is None:
+            return f"{self._examples[name]}  # an example: unset at this scale"
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return json.dumps(value)  # a TOML basic string: the same quotes and escapes
+        return repr(value)  # ints, and floats as Python writes them (0.001, 1e-06): valid TOML too
+
+
 # ---------------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Project file \\[default: ./nanods.toml if present].")] = None,
     scale: Annotated[Optional[str], typer.Option(help="Preset: tiny, small, base, large (overrides \\[model] scale).")] = None,
@@ -103,9 +169,10 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
     init_from: Annotated[Optional[str], typer.Option("--init-from", help="Start a new run from a checkpoint's weights.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto (cuda, else mps, else cpu), cpu, cuda or mps.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto (bf16 where native, else fp32), float32/fp32, bfloat16/bf16.")] = None,
-    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override any key: --set model.n_layer=4 --set train.lr=1e-3.")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override any key: "
+                                                      "--set model.n_layer=4 --set train.lr=1e-3.")] = None,
 ) -> None:
     """Train a model on the embedded Python-stdlib corpus (or your data); no download needed.
 
@@ -115,22 +182,25 @@ def train(
       nanods train --resume --out runs/tiny --steps 80
     Ctrl-C stops at the next step, saves, and prints how to resume.
     """
-    from nanods.config import load_project
+    from nanods.config import command_line_values, load_project
     from nanods.train.loop import RunOptions
     from nanods.train.loop import train as run_training
 
     cli = {"model": {"attention": attention, "ffn": ffn, "router": router},
            "train": {"data": data, "steps": steps, "time_budget": time_budget, "out": out, "device": device, "dtype": dtype}}
     project = load_project(config, scale=scale, cli=cli, sets=sets)
-    code = run_training(project, RunOptions(resume=resume, init_from=init_from, overwrite=overwrite,
-                                            steps_given=steps is not None))
-    raise typer.Exit(code)
+    explicit = command_line_values(cli, sets)
+    code = run_training(project, RunOptions(resume=resume, init_from=init_from, overwrite=overwrite, scale=scale,
+                                            steps_given="steps" in explicit.get("train", {}), explicit=explicit))
+    if code:
+        sys.exit(code)  # a graceful stop already said what happened and how to resume
 
 
 # ---------------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 def sample(
-    ckpt: Annotated[Path, typer.Argument(help="A checkpoint written by nanods train.")],
+    ckpt: Annotated[Path, typer.Argument(help="A checkpoint written by nanods train, or its run folder "
+                                         "(e.g. runs/tiny for runs/tiny/ckpt.safetensors).")],
     prompt: Annotated[Optional[str], typer.Option(help="Text to continue \\[default: stdin if piped, else a new document].")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Read the prompt from a file.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens to generate "
@@ -142,12 +212,18 @@ def sample(
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples, batched in one forward.")] = 1,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole prefix each step (for comparison).")] = False,
     speculative: Annotated[bool, typer.Option("--speculative", help="Self-speculative decoding with the MTP modules.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (cuda, else mps, else cpu), cpu, cuda or mps.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step: tens of seconds first, then "
                                           "faster tokens (pays off for long generations; one sample).")] = False,
+    echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before its continuation, so stdout reads "
+                                       "as one text (each sample starts with it).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No timing line on stderr.")] = False,
 ) -> None:
     """Generate text from a checkpoint, streaming it to stdout (decode runs on the KV cache).
+
+    Examples:
+      nanods sample runs/tiny --prompt "def main(" --max-new-tokens 100
+      echo "import os" | nanods sample runs/tiny --echo --seed 1
 
     Defaults come from the \\[sample] table of ./nanods.toml when there is one.
     """
@@ -158,6 +234,7 @@ def sample(
     from nanods.checkpoint import load
     from nanods.device import resolve_device
     from nanods.generate import stream
+    from nanods.inspect import file_kind
     from nanods.memory import format_bytes
     from nanods.tokenizer import StreamDecoder
 
@@ -168,10 +245,15 @@ def sample(
         raise NanodsError("give --prompt or --prompt-file, not both")
     if compile and (num_samples > 1 or no_cache):
         raise NanodsError("--compile decodes one sample on the KV cache: drop --num-samples/--no-cache or --compile")
+    kind, ckpt = file_kind(ckpt)
+    if kind != "checkpoint":
+        raise NanodsError(f"'{ckpt}' is a project file, not a checkpoint; give the ckpt.safetensors that "
+                          "`nanods train` wrote, or its run folder")
     model, tokenizer = load(ckpt, resolve_device(device))
     if speculative and model.config.mtp_depth < 1:
         raise NanodsError("--speculative needs a model trained with mtp_depth >= 1; this one has mtp_depth = 0")
-    ids = [tokenizer.eot_id] + tokenizer.encode(_read_prompt(prompt, prompt_file))
+    prompt_text = _read_prompt(prompt, prompt_file)
+    ids = [tokenizer.eot_id] + tokenizer.encode(prompt_text)
     limit = model.config.sequence_len
     if len(ids) >= limit:
         raise NanodsError(f"the prompt ({len(ids)} tokens, the start-of-text token included) fills the model's "
@@ -193,6 +275,9 @@ def sample(
     idx = torch.tensor([ids] * num_samples, device=model.lm_head.weight.device)
     decoders = [StreamDecoder(tokenizer) for _ in range(num_samples)]
     texts = [""] * num_samples
+    prefix = prompt_text if echo else ""
+    if num_samples == 1:  # streamed: the prompt now, each piece as it is decoded
+        emit(prefix)
     start, produced = time.perf_counter(), 0
     for token in stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eot_id, not no_cache,
                         compile):
@@ -209,7 +294,7 @@ def sample(
     if num_samples == 1:
         emit(texts[0] + "\n")
     else:
-        emit("\n".join(f"--- sample {i + 1} ---\n{t}" for i, t in enumerate(texts)) + "\n")
+        emit("\n".join(f"--- sample {i + 1} ---\n{prefix}{t}" for i, t in enumerate(texts)) + "\n")
     if not quiet:
         cache = model.kv_cache_bytes_per_token(model.lm_head.weight.dtype) * (len(ids) + produced) * num_samples
         err.print(f"{produced * num_samples} tokens in {seconds:.2f} s ({produced * num_samples / seconds:,.1f} tok/s, "
@@ -263,17 +348,18 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 def bench(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Project file whose model to measure "
                                                    "\\[default: ./nanods.toml if present, else --scale small].")] = None,
     scale: Annotated[Optional[str], typer.Option(help="Preset: tiny, small, base, large (overrides \\[model] scale).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (bf16 where native, else fp32), float32/fp32, bfloat16/bf16.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (cuda, else mps, else cpu), cpu, cuda or mps.")] = "auto",
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs of the train step and prefill; decode rows take "
                                          "min(repeats, 3), the MoE row max(repeats, 3). Medians are reported, "
                                          "min-max beside them.")] = 5,
-    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override a model key, e.g. --set model.attention=mha.")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a model "
+                                                      "key, e.g. --set model.attention=mha.")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="Also decode through the torch.compile'd step (batch 1; "
                                           "compiling takes tens of seconds).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
@@ -347,24 +433,31 @@ def _fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
-    target: Annotated[Optional[str], typer.Argument(help="A checkpoint (.safetensors) or a project file (.toml).")] = None,
+    target: Annotated[Optional[Path], typer.Argument(help="A checkpoint, a run folder holding ckpt.safetensors, or a "
+                                                     "project file (nanods.toml) \\[default: ./nanods.toml if present].")] = None,
     scale: Annotated[Optional[str], typer.Option(help="Inspect a preset instead: tiny, small, base, large.")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Context length for cache and FLOPs \\[default: sequence_len].")] = None,
     batch: Annotated[int, typer.Option(help="Batch size for the total cache size.")] = 1,
     dtype: Annotated[str, typer.Option(help="Cache dtype: bfloat16/bf16 or float32/fp32.")] = "bfloat16",
-    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. --set model.attention=mha.")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a key, "
+                                                      "e.g. --set model.attention=mha.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
     """Parameters (total and active per token), KV-cache bytes and FLOPs per token of a model.
 
-    A checkpoint is read from its header only (no tensor data).
-    A .toml or --scale is built on the meta device, so even `large` costs no memory.
+    A checkpoint is read from its header only (no tensor data); it is told from a project file by
+    its content, whatever its name. A project file or --scale is built on the meta device, so even
+    `large` costs no memory.
+
+    Examples:
+      nanods inspect runs/tiny
+      nanods inspect --scale large --seq-len 32768 --batch 8
     """
-    from nanods.config import load_project, read_toml, resolve_project
+    from nanods.config import load_project
     from nanods.device import DTYPES
-    from nanods.inspect import checkpoint_report, report
+    from nanods.inspect import checkpoint_report, file_kind, report
 
     if dtype not in DTYPES:
         raise NanodsError(f"--dtype must be one of {', '.join(DTYPES)} for inspect, got '{dtype}'")
@@ -372,12 +465,11 @@ def inspect(
     if batch < 1 or (seq_len is not None and seq_len < 1):
         raise NanodsError("--batch and --seq-len must be positive")
     kwargs = dict(seq_len=seq_len, batch=batch, dtype=torch_dtype)
-    if target is not None and target.endswith(".safetensors"):
-        info = checkpoint_report(target, **kwargs)
-    elif target is not None:
-        info = report(resolve_project(read_toml(target), scale=scale, sets=sets, where=target).model, **kwargs)
+    kind, path = file_kind(target) if target is not None else ("project", None)
+    if kind == "checkpoint":
+        info = checkpoint_report(path, **kwargs)
     else:
-        info = report(load_project(None, scale=scale, sets=sets).model, **kwargs)
+        info = report(load_project(path, scale=scale, sets=sets).model, **kwargs)
     if as_json:
         _print_json(info)
         return

@@ -444,12 +444,18 @@ class Project:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """The tables of a project file; a missing file, bytes that are not UTF-8 or bad TOML are one clear error."""
     path = Path(path)
     if not path.is_file():
         raise NanodsError(f"config file '{path}' not found (create one with `nanods init`)")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # a binary, e.g. a checkpoint given where a project file belongs
+        raise NanodsError(f"'{path}' is not a nanods.toml project file: it is not UTF-8 text ({e.reason} at byte "
+                          f"{e.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise NanodsError(f"{path} is not valid TOML: {e}") from None
 
 
@@ -481,6 +487,12 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def command_line_values(cli: dict[str, dict[str, Any]] | None, sets: list[str] | None) -> dict[str, dict[str, Any]]:
+    """What the command line sets, by section: the options given (None: not given), then --set on top."""
+    given = {section: {k: v for k, v in table.items() if v is not None} for section, table in (cli or {}).items()}
+    return _merge(given, parse_set(sets or []))
+
+
 def resolve_project(
     toml: dict[str, Any] | None = None,
     scale: str | None = None,
@@ -495,8 +507,7 @@ def resolve_project(
     for section in toml:
         if section not in SECTIONS:
             raise NanodsError(f"unknown section [{section}] in {where}{did_you_mean(section, SECTIONS)}")
-    layers = [toml, {k: {n: v for n, v in t.items() if v is not None} for k, t in (cli or {}).items()},
-              parse_set(sets or [])]
+    layers = [toml, command_line_values(cli, sets)]
     merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for layer in layers:
         for section, values in layer.items():
@@ -520,7 +531,10 @@ def resolve_project(
     model = NanoDeepSeekConfig(**values)
     registry.check_options(model)
     train_values = dict(TRAIN_PRESETS[chosen_scale]) if chosen_scale else {}
-    train_values.update(check_fields(merged["train"], f"[train] of {where}", TrainSettings))
+    given_train = check_fields(merged["train"], f"[train] of {where}", TrainSettings)
+    if "steps" in given_train and "time_budget" not in given_train:  # a step count replaces the preset's budget
+        train_values.pop("time_budget", None)
+    train_values.update(given_train)
     train = TrainSettings(**train_values)
     sample = SampleSettings(**check_fields(merged["sample"], f"[sample] of {where}", SampleSettings))
     return Project(model=model, train=train, sample=sample)

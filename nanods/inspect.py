@@ -2,19 +2,50 @@
 
 from __future__ import annotations
 
+import codecs
 import math
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from nanods.checkpoint import config_from_metadata, metadata_json, metadata_step
+from nanods.checkpoint import WEIGHTS, config_from_metadata, metadata_json, metadata_step
 from nanods.config import NanoDeepSeekConfig
 from nanods.errors import NanodsError
 from nanods.flops import build_on_meta, count_parameters, flops_per_token
 from nanods.layers.attention.mha import MultiHeadAttention
 from nanods.memory import model_size
 from nanods.safetensors_header import read_header
+
+
+def file_kind(target: str | Path) -> tuple[Literal["checkpoint", "project"], Path]:
+    """What a path on the command line names: ("checkpoint", file) or ("project", file).
+
+    A run folder stands for the ckpt.safetensors in it. A file is told by its content, not its name:
+    a safetensors file starts with its header's length (8 bytes, little-endian) and the header's '{';
+    any other UTF-8 text is taken for a project file, whose TOML errors come when it is read.
+    """
+    path = Path(target)
+    if path.is_dir():
+        if not (path / WEIGHTS).is_file():
+            raise NanodsError(f"'{path}' is a folder without {WEIGHTS}; give a checkpoint file or a run folder")
+        return "checkpoint", path / WEIGHTS
+    if not path.is_file():
+        raise NanodsError(f"'{path}' not found; check the path")
+    with path.open("rb") as f:
+        head = f.read(4096)
+    # Read as a number, the first 8 bytes of any text are >= 2**56 (no byte is 0): no header is that long
+    if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 2**32:
+        return "checkpoint", path
+    try:  # incremental: a character cut at the end of the 4096 bytes is not an error
+        binary = "\0" in codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        binary = True
+    if binary:
+        raise NanodsError(f"'{path}' is not a safetensors checkpoint nor a nanods.toml project file; give the "
+                          f"{WEIGHTS} that `nanods train` wrote, or its run folder")
+    return "project", path
 
 
 def report(config: NanoDeepSeekConfig, seq_len: int | None = None, batch: int = 1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -148,3 +149,15 @@ def check_training_fits(config: NanoDeepSeekConfig, batch_size: int, seq_len: in
     raise NanodsError(f"this model needs about {format_bytes(need.total)} to train ({need.parameters:,} parameters x "
                       f"{need.bytes_per_parameter} bytes + activations ~{format_bytes(need.activation_bytes)}) "
                       f"but {where} has {format_bytes(available)}; {fix}")
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """The most memory this process has held: the peak resident set on the CPU, allocated memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux

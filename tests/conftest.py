@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanods import NanoDeepSeek, NanoDeepSeekConfig
-from nanods.config import resolve_project
+from nanods.config import command_line_values, resolve_project
 from nanods.testing import TINY
 
 SOURCE = Path(__file__).resolve().parent.parent / "nanods"
@@ -61,3 +61,11 @@ def project(corpus, out, *sets):
 def losses(out):
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def resuming(*sets):
+    """RunOptions of `nanods train --resume --set ...`: the sets are what the command line gives explicitly."""
+    from nanods.train.loop import RunOptions
+
+    explicit = command_line_values(None, list(sets))
+    return RunOptions(resume=True, explicit=explicit, steps_given="steps" in explicit.get("train", {}))

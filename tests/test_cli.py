@@ -6,9 +6,11 @@ import importlib.metadata
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,8 @@ from conftest import build, main_in_process
 
 import nanods
 from nanods import checkpoint, registry
-from nanods.config import PRESETS, load_project
+from nanods.cli import app
+from nanods.config import PRESETS, load_project, resolve_project
 from nanods.errors import NanodsError
 from nanods.tokenizer import byte_tokenizer
 
@@ -364,10 +367,17 @@ def test_a_prompt_that_fills_the_context_is_an_error(sample_ckpt, capsys):
 GENERATED = "\x1b[2Jhi\x1b]0;pwned\x07\tok"
 
 
-def _fake_stream(model, idx, max_new_tokens, *args):
-    """Tokens spelling GENERATED (byte tokenizer: id = byte), whatever the model would say."""
-    for b in GENERATED.encode():
-        yield torch.full((idx.shape[0],), b)
+def _stream_of(ids):
+    """A stand-in for nanods.generate.stream: these ids in every row (byte tokenizer: id = byte, 256 = end of text),
+    whatever the model would say."""
+    def fake(model, idx, max_new_tokens, *args, **kwargs):
+        for i in ids:
+            yield torch.full((idx.shape[0],), i)
+
+    return fake
+
+
+_fake_stream = _stream_of(GENERATED.encode())
 
 
 @pytest.mark.parametrize("num_samples", [1, 2])
@@ -382,3 +392,169 @@ def test_generated_text_is_printable_on_a_terminal_and_exact_in_a_pipe(tty, num_
     text = "\\x1b[2Jhi\\x1b]0;pwned\\x07\tok" if tty else GENERATED
     expected = text if num_samples == 1 else "\n".join(f"--- sample {i} ---\n{text}" for i in (1, 2))
     assert out == expected + "\n"
+
+
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_echo_prints_the_prompt_before_each_continuation(num_samples, sample_ckpt, monkeypatch, capsys):
+    monkeypatch.setattr("nanods.generate.stream", _stream_of(b"hi"))
+    code, out, err = main_in_process(["sample", sample_ckpt, "--prompt", "ab", "--echo", "-q", "--max-new-tokens", "5",
+                                      "--num-samples", str(num_samples)], capsys)
+    assert code == 0, err
+    assert out == ("abhi\n" if num_samples == 1 else "--- sample 1 ---\nabhi\n--- sample 2 ---\nabhi\n")
+
+
+def test_sample_device_defaults_to_auto(sample_ckpt, monkeypatch, capsys):
+    from nanods import device
+
+    asked = []
+    real = device.resolve_device
+    monkeypatch.setattr(device, "resolve_device", lambda name: asked.append(name) or real(name))
+    code, _, err = main_in_process(["sample", sample_ckpt, "-q", "--max-new-tokens", "2"], capsys)
+    assert code == 0, err
+    assert asked == ["auto"]  # resolved by resolve_device: cuda, else mps, else cpu, as train and bench do
+
+
+# ---------------------------------------------------------------------------------------------
+# paths: run folders, and files told by their content
+
+
+@pytest.mark.parametrize("command", ["sample", "inspect"])
+def test_a_run_folder_stands_for_its_checkpoint(command, sample_ckpt, capsys):
+    folder = os.path.dirname(sample_ckpt)
+    args = ["--prompt", "ab", "--temperature", "0", "-q", "--max-new-tokens", "3"] if command == "sample" else ["--json"]
+    code, out, err = main_in_process([command, folder, *args], capsys)
+    assert code == 0, err
+    if command == "inspect":
+        assert json.loads(out)["checkpoint"]["path"] == sample_ckpt
+
+
+@pytest.mark.parametrize("command", ["sample", "inspect"])
+def test_a_folder_without_a_checkpoint_is_named_as_a_folder(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "empty").mkdir(parents=True)
+    code, out, err = main_in_process([command, "runs/empty"], capsys)
+    assert code == 1 and out == ""
+    assert _error_lines(err) == [("error: 'runs/empty' is a folder without ckpt.safetensors; give a checkpoint file "
+                                  "or a run folder")]
+
+
+def test_inspect_tells_a_checkpoint_by_its_content_not_its_name(sample_ckpt, capsys):
+    os.rename(sample_ckpt, "weights.bin")
+    code, out, err = main_in_process(["inspect", "weights.bin", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["checkpoint"]["path"] == "weights.bin"
+
+
+def test_inspect_reads_a_project_file_of_any_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.cfg").write_text('[model]\nscale = "tiny"\nn_layer = 3\n', encoding="utf-8")
+    code, out, err = main_in_process(["inspect", "my.cfg", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["config"]["n_layer"] == 3
+
+
+@pytest.mark.parametrize("command", ["sample", "inspect"])
+def test_a_binary_is_neither_checkpoint_nor_project_file(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04\x14\x00\x00\x08\x08\x00\xff\xfe" + bytes(range(256)))
+    code, out, err = main_in_process([command, "model.pt"], capsys)
+    assert code == 1 and out == ""
+    lines = _error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: 'model.pt' is not a safetensors checkpoint nor a nanods.toml project file; "), err
+    assert "codec" not in err
+
+
+def test_a_toml_syntax_error_keeps_its_toml_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.pt").write_text("[model\nn_layer = 4\n", encoding="utf-8")
+    code, _, err = main_in_process(["inspect", "model.pt"], capsys)
+    assert code == 1
+    lines = _error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("error: model.pt is not valid TOML: "), err
+
+
+def test_sample_refuses_a_project_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.toml").write_text('[model]\nscale = "tiny"\n', encoding="utf-8")
+    code, _, err = main_in_process(["sample", "run.toml"], capsys)
+    assert code == 1
+    assert _error_lines(err) == [("error: 'run.toml' is a project file, not a checkpoint; give the ckpt.safetensors "
+                                  "that `nanods train` wrote, or its run folder")]
+
+
+def test_a_missing_path_is_not_found(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = main_in_process(["sample", "runs/tiny"], capsys)
+    assert code == 1
+    assert _error_lines(err) == ["error: 'runs/tiny' not found; check the path"]
+
+
+# ---------------------------------------------------------------------------------------------
+# version, help
+
+
+def test_version(capsys):
+    code, out, err = main_in_process(["--version"], capsys)
+    assert code == 0, err
+    assert out == f"nanods {nanods.__version__}\n"
+
+
+def _flags(command):
+    """The long names of a click command's flags, --help included."""
+    return [name for p in command.params if getattr(p, "is_flag", False) for name in p.opts if name.startswith("--")]
+
+
+@pytest.mark.parametrize("command", ["", "train", "sample", "inspect", "bench", "components", "init"])
+def test_help_shows_flags_without_a_value_type(command, monkeypatch, capsys):
+    import typer
+
+    monkeypatch.setenv("COLUMNS", "200")
+    group = typer.main.get_command(app)
+    flags = [*_flags(group.commands[command] if command else group), "--help"]
+    assert len(flags) > 1
+    code, out, err = main_in_process([command, "--help"] if command else ["--help"], capsys)
+    assert code == 0, err
+    for flag in flags:
+        row = re.search(rf"^\W*{flag}(?:\s+-\w)?\s+(\S+)", out, re.MULTILINE)
+        assert row, f"{flag} missing from:\n{out}"
+        assert not re.fullmatch(r"<.*>|[A-Z_]{3,}", row[1]), f"{flag} is shown taking a value {row[1]}:\n{out}"
+
+
+# ---------------------------------------------------------------------------------------------
+# init shows its scale's values
+
+
+@pytest.mark.parametrize("scale", list(PRESETS))
+def test_init_shows_the_values_of_its_scale(scale, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = main_in_process(["init", "--scale", scale], capsys)
+    assert code == 0, err
+    expected = resolve_project({}, scale=scale)
+    assert load_project("nanods.toml") == expected
+    text = (tmp_path / "nanods.toml").read_text(encoding="utf-8")
+    train = expected.train
+    for line in (f"# n_layer = {PRESETS[scale]['n_layer']}", f"# steps = {train.steps}", f"# lr = {train.lr!r}",
+                 f"# seq_len = {train.seq_len}", f"# eval_every = {train.eval_every}"):
+        assert f"\n{line} " in text or f"\n{line}\n" in text, line
+    # every value shown is the real one: uncommented, the file still resolves to the preset
+    shown = re.sub(r"^# (\w+ = (?!.*an example).*)$", r"\1", text, flags=re.MULTILINE)
+    assert shown.count("\n# ") < text.count("\n# ") - 20
+    (tmp_path / "shown.toml").write_text(shown, encoding="utf-8")
+    assert load_project("shown.toml") == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# the README's Python API
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README.zh-CN.md"])
+def test_readme_python_api_prints_clean_text(readme, tmp_path, monkeypatch, capsys):
+    text = (Path(__file__).resolve().parent.parent / readme).read_text(encoding="utf-8")
+    code = text.split("\n## Python API\n", 1)[1].split("```python\n", 1)[1].split("\n```", 1)[0]
+    model = build(vocab_size=320, tokenizer_vocab_size=257, sequence_len=128)
+    path = checkpoint.save(tmp_path, model, model.config, byte_tokenizer(), 1, {}, {}, {})
+    assert "runs/nanods/ckpt.safetensors" in code
+    monkeypatch.setattr("nanods.generate.stream", _stream_of([*b"hi", byte_tokenizer().eot_id]))
+    exec(compile(code.replace("runs/nanods/ckpt.safetensors", str(path)), readme, "exec"), {})
+    assert capsys.readouterr().out == "hi\n"  # no <|endoftext|> before or after the text

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 SOURCE = Path(__file__).resolve().parent.parent / "nanods"
 ARGS = ["train", "--scale", "tiny", "--steps", "5", "--device", "cpu", "--dtype", "float32",
-        "--set", f"train.data={json.dumps(str(SOURCE))}", "--set", "train.tokenizer=byte",
+        "--set", "train.data=corpus", "--set", "train.tokenizer=byte",
         "--set", "train.batch_size=4", "--set", "train.micro_batch_size=2", "--set", "train.seq_len=32",
         "--set", "train.eval_every=5", "--set", "train.eval_batches=1", "--set", "train.sample_tokens=0",
         "--set", "train.warmup_steps=1", "--set", "model.bias_update_speed=0.01"]
@@ -28,9 +29,10 @@ def losses(out: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
+    shutil.copytree(SOURCE, root / "corpus", ignore=shutil.ignore_patterns("__pycache__"))  # frozen: all runs see it
     env = {**os.environ, "NANODS_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
     out = root / "single"
-    proc = subprocess.run([sys.executable, "-m", "nanods", *ARGS, "--out", str(out)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "nanods", *ARGS, "--out", str(out)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, env, out
@@ -47,7 +49,7 @@ def test_two_processes_match_one(single, parallel, micro):
         args = ARGS[:i - 1] + ARGS[i + 1:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "nanods", *args, "--out", str(out), "--set", f"train.parallel={json.dumps(parallel)}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"data parallel: 2 processes ({parallel})" in proc.stderr
     a, b = losses(out_single), losses(out)

@@ -10,7 +10,7 @@ from conftest import tiny_config
 
 from nanods import NanoDeepSeek, checkpoint
 from nanods.errors import NanodsError
-from nanods.inspect import checkpoint_report, report
+from nanods.inspect import checkpoint_report, file_kind, report
 from nanods.tokenizer import byte_tokenizer
 
 
@@ -36,7 +36,7 @@ def test_active_parameters_leave_out_unchosen_experts():
 
 
 def _checkpoint(tmp_path):
-    model = NanoDeepSeek(tiny_config())
+    model = NanoDeepSeek(tiny_config(vocab_size=320))  # the byte tokenizer's 257 ids must fit the embedding
     return checkpoint.save(tmp_path, model, model.config, byte_tokenizer(), 3, {"corpus": "test"}, {}, {"step": 3},
                            [[0.25] * 4, [0.25] * 4])
 
@@ -161,3 +161,27 @@ def test_an_older_expert_layout_is_refused_with_what_to_do(tmp_path):
     save_file(tensors, path, metadata=metadata)
     with pytest.raises(NanodsError, match=r"checkpoint format 1 \(E, in, out\).*train it again"):
         checkpoint.load(path)
+
+
+def test_file_kind_tells_a_checkpoint_by_its_content(tmp_path):
+    path = _checkpoint(tmp_path)
+    assert file_kind(tmp_path) == ("checkpoint", path)  # a run folder stands for its ckpt.safetensors
+    renamed = path.rename(tmp_path / "weights.bin")
+    assert file_kind(renamed) == ("checkpoint", renamed)
+    with pytest.raises(NanodsError, match=f"^'{tmp_path}' is a folder without ckpt.safetensors; give a checkpoint"):
+        file_kind(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b'[model]\nscale = "tiny"\n', b"", b"abcdefgh{not json", "é".encode() * 4096])
+def test_file_kind_takes_text_for_a_project_file(tmp_path, content):
+    path = tmp_path / "project.cfg"  # eight text bytes then '{' read as a header length: far beyond any header
+    path.write_bytes(content)
+    assert file_kind(path) == ("project", path)
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04\x14\x00\xff\xfe", b"text with a \0 byte"])
+def test_file_kind_refuses_a_binary(tmp_path, content):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(NanodsError, match=f"^'{path}' is not a safetensors checkpoint nor a nanods.toml project file; "):
+        file_kind(path)

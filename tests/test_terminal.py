@@ -27,7 +27,7 @@ def wide(monkeypatch):
 
 def _checkpoint_with(tmp_path, **attention):
     """A real checkpoint whose nanods.components entry for attention has these fields replaced."""
-    model = build()
+    model = build(vocab_size=320)  # the byte tokenizer's 257 ids must fit the embedding
     path = checkpoint.save(tmp_path / "run", model, model.config, byte_tokenizer(), 1, {}, {}, {})
     _, metadata = read_header(path)
     components = json.loads(metadata["nanods.components"])

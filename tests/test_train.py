@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import losses, project
+from conftest import losses, project, resuming
 import torch
 from safetensors.torch import load_file
 
@@ -20,6 +20,7 @@ from nanods.model import NanoDeepSeek
 from nanods.safetensors_header import read_header
 from nanods.train import loop
 from nanods.train.loop import RunOptions, train
+from nanods.train.run_dir import RunDir
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monkeypatch):
     assert train(project(corpus, tmp_path / "a"), RunOptions()) == 0
@@ -45,7 +46,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monk
 
 def test_resume_with_a_new_total_replans_the_tail(corpus, tmp_path, capsys):
     train(project(corpus, tmp_path), RunOptions())
-    train(project(corpus, tmp_path, "train.steps=12"), RunOptions(resume=True, steps_given=True))
+    train(project(corpus, tmp_path, "train.steps=12"), resuming("train.steps=12"))
     assert "re-planned the schedule's tail: total 8 -> 12" in capsys.readouterr().err
     assert read_header(tmp_path / "ckpt.safetensors")[1]["nanods.step"] == "12"
 
@@ -53,9 +54,9 @@ def test_resume_with_a_new_total_replans_the_tail(corpus, tmp_path, capsys):
 def test_resume_refuses_a_changed_run(corpus, tmp_path):
     train(project(corpus, tmp_path), RunOptions())
     with pytest.raises(NanodsError, match=r"model.n_layer: 2 -> 3.*|train.batch_size"):
-        train(project(corpus, tmp_path, "model.n_layer=3"), RunOptions(resume=True))
+        train(project(corpus, tmp_path, "model.n_layer=3"), resuming("model.n_layer=3"))
     with pytest.raises(NanodsError, match=r"train.batch_size: 4 -> 8"):
-        train(project(corpus, tmp_path, "train.batch_size=8"), RunOptions(resume=True))
+        train(project(corpus, tmp_path, "train.batch_size=8"), resuming("train.batch_size=8"))
 
 
 def test_out_dir_with_a_run_is_never_overwritten_silently(corpus, tmp_path):
@@ -165,3 +166,35 @@ def test_resume_is_exact_with_muon_too(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(loop.TrainReport, "step", original_step)
     train(project(corpus, tmp_path / "b", "train.optimizer=muon"), RunOptions(resume=True))
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_overwrite_leaves_one_whole_run(corpus, tmp_path):
+    """Kill `--overwrite` runs at random moments (start-up, setting the old run aside, the first steps, the
+    first save); after each, the folder holds one complete run, the old one or the new one, and resumes."""
+    args = [sys.executable, "-m", "nanods", "train", "--scale", "tiny", "--steps", "6", "--device", "cpu",
+            "--set", f"train.data={json.dumps(corpus)}", "--set", "train.tokenizer=byte", "--set", "train.eval_every=3",
+            "--set", "train.eval_batches=1", "--set", "train.seq_len=32", "--set", "train.batch_size=2",
+            "--set", "train.sample_tokens=0", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "NANODS_CACHE": os.environ["NANODS_CACHE"], "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    assert subprocess.run(args, env=env, capture_output=True).returncode == 0
+    rng = random.Random(1)
+    runs = {read_header(out / "ckpt.safetensors")[1]["nanods.run"]}
+    for _ in range(8):
+        proc = subprocess.Popen(args + ["--overwrite"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 5.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        folder = RunDir(out)  # what the next trainer does first
+        folder.acquire()
+        folder.recover(print)
+        folder.release()
+        _, meta = read_header(out / "ckpt.safetensors")
+        checkpoint.latest_state(out, int(meta["nanods.step"]), meta["nanods.run"])  # a matching pair
+        nanods.load(out / "ckpt.safetensors")
+        assert not (out / ".replaced").exists()
+        runs.add(meta["nanods.run"])
+    assert len(runs) > 1, "no overwrite ever completed a save: sleep longer"
+    finish = subprocess.run(args + ["--resume", "--steps", "9"], env=env, capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr[-2000:]

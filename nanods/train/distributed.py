@@ -45,6 +45,10 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
+    def min(self, value: float, device: torch.device) -> float:
+        """The smallest `value` over all ranks, on every rank."""
+        return -self.max(-value, device)
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when `flag` is true on any rank (a stop request on one rank stops all)."""
         return bool(self.max(float(flag), device)) if self.distributed else flag

@@ -13,7 +13,8 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from shlex import quote
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from nanods.device import resolve_device, resolve_dtype
 from nanods.errors import NanodsError
 from nanods.flops import flops_per_token
 from nanods.layers.ffn.moe import update_expert_bias
-from nanods.memory import check_training_fits
+from nanods.memory import check_training_fits, peak_memory
 from nanods.model import NanoDeepSeek
 from nanods.peak import matmul_peak
 from nanods.terminal import escape, printable
@@ -35,6 +36,8 @@ from nanods.train.distributed import full_state_dict, init_world, shutdown, wrap
 from nanods.train import optim_state
 from nanods.train.optim import build_optimizers, describe_split
 from nanods.train.report import TrainReport
+from nanods.train.resume import resumed_project
+from nanods.train.budget import TimeBudget
 from nanods.train.run_dir import RunDir
 from nanods.train.schedule import lr_factor
 
@@ -50,6 +53,8 @@ class RunOptions:
     init_from: str | None = None
     overwrite: bool = False
     steps_given: bool = False  # --steps was passed: on resume, re-plan the schedule's tail to it
+    explicit: dict[str, dict[str, Any]] = field(default_factory=dict)  # what the command line set, by section
+    scale: str | None = None  # --scale, when given
 
 
 class StopFlag:
@@ -108,18 +113,20 @@ class Trainer:
         try:
             self._setup(project, run)
         except BaseException:
-            self.close()
+            self.close(failing=True)
             raise
 
     def _setup(self, project: Project, run: RunOptions) -> None:
         s, out_dir = self.settings, self.out_dir
         self._check_out_dir()
-        if s.parallel == "fsdp" and run.resume:
-            raise NanodsError("--resume does not run under train.parallel = \"fsdp\" (FSDP saves no optimizer "
-                              "state); resume with train.parallel = \"ddp\", or start a new run from the weights: "
-                              f"nanods train --init-from {self._weights_arg()} --out NEW_DIR")
         resumed = self._resume_state() if run.resume else None
+        if resumed and self.world.distributed and s.parallel == "fsdp":
+            raise NanodsError("--resume does not run under train.parallel = \"fsdp\" (its optimizer state is not "
+                              "sharded back); resume with --set train.parallel=ddp, or start a new run from the "
+                              f"weights: nanods train --init-from {quote(self._weights_arg())} --out NEW_DIR")
         self.run_id = resumed["run_id"] if resumed else uuid.uuid4().hex[:16]
+        if not resumed and s.data != "stdlib":  # a run resumes from any folder: its data path must not be relative
+            s.data = str(Path(s.data).expanduser().resolve())
         self.corpus = load_corpus(s.data, tuple(s.extensions))
         for note in self.corpus.notes:
             self.report.print(f"data: {escape(note)}")
@@ -164,7 +171,6 @@ class Trainer:
         self.replacing = self.opts.overwrite and (out_dir / checkpoint.WEIGHTS).exists()
         if self.replacing and self.world.is_main:  # only once everything checked out: a failed start changes nothing
             self.run_dir.set_aside(self.run_id)
-        self.report.begin(self.step, self.total)
 
     # ---- setup ------------------------------------------------------------------------------
     def _lock_out_dir(self) -> None:
@@ -173,16 +179,23 @@ class Trainer:
         if self.world.is_main:
             try:
                 self.run_dir.acquire()
-                self.run_dir.recover(self.report.print)
+                self.run_dir.recover(self._note)
             except NanodsError as e:
                 refusal = e
         if self.world.any(refusal is not None, self.device):
             raise refusal or NanodsError(f"rank 0 could not take the run folder '{self.out_dir}' (see its error)")
 
-    def close(self) -> None:
-        """Release the run folder; a run that ended before its first save gives back the run it replaced."""
-        if self.world.is_main:
-            self.run_dir.recover(self.report.print)
+    def close(self, failing: bool = False) -> None:
+        """Release the run folder; a run that ended before its first save gives back the run it replaced.
+        While an error propagates, a failure here must not hide it."""
+        if not self.world.is_main:
+            return
+        try:
+            self.run_dir.recover(self._note)
+        except NanodsError:
+            if not failing:
+                raise
+        finally:
             self.run_dir.release()
 
     def _note(self, text: str) -> None:
@@ -201,12 +214,15 @@ class Trainer:
         if self.opts.resume and self.opts.init_from:
             raise NanodsError("--resume and --init-from exclude each other: resume continues a run, "
                               "init-from starts a new one from a checkpoint's weights")
+        if self.opts.resume and self.opts.overwrite:
+            raise NanodsError("--resume and --overwrite exclude each other: resume continues the run in --out, "
+                              "overwrite replaces it with a new one")
 
     def _read_checkpoint(self, path: Path) -> dict[str, Any]:
         model, tokenizer = checkpoint.load(path, "cpu")
         _, meta = checkpoint.read_header(path)
         return {"config": model.config, "tokenizer": tokenizer, "weights": model.state_dict(),
-                "step": checkpoint.metadata_step(meta, path), "run_id": meta.get("nanods.run", "")}
+                "step": checkpoint.metadata_step(meta, path), "run_id": checkpoint.metadata_run(meta)}
 
     def _resume_state(self) -> dict[str, Any]:
         path = self.out_dir / checkpoint.WEIGHTS
@@ -216,10 +232,10 @@ class Trainer:
         meta = source["meta"]
         if not isinstance(meta.get("settings"), dict) or not isinstance(meta.get("optimizers"), list):
             raise NanodsError(f"'{state_file}' is damaged: its nanods.train metadata lacks settings or optimizers")
-        if meta["settings"].get("parallel") == "fsdp" or not meta["optimizers"]:
+        if not meta["optimizers"]:
             raise NanodsError(f"'{path}' was saved by an FSDP run, which keeps no optimizer state, so it cannot be "
                               f"resumed exactly; start a new run from its weights: nanods train --init-from "
-                              f"{self._weights_arg()} --out NEW_DIR")
+                              f"{quote(self._weights_arg())} --out NEW_DIR")
         return source
 
     def _init_source(self) -> dict[str, Any]:
@@ -354,17 +370,14 @@ class Trainer:
             self.replacing = False
         return path
 
-    def plan_budget(self, step_seconds: float) -> None:
-        """With a time budget, fix the total step count from the measured step time (stored on save)."""
-        budget = self.settings.budget_seconds
-        step_seconds = self.world.max(step_seconds, self.device)  # every rank plans the same total
-        fits = self.step + int(max(0.0, budget - self.elapsed) / step_seconds)
-        total = max(self.step + 1, min(self.settings.steps, fits))
-        if total != self.total:
-            self.total = total
-            self.report.set_total(total)
-            self.report.print(f"time budget {self.settings.time_budget}: planned {total} steps "
-                              f"({step_seconds:.2f} s/step)")
+    def _replan(self, budget: TimeBudget, step_seconds: float, first: bool) -> None:
+        """Fit the total to the time left; every rank plans the same total (the smallest)."""
+        planned = budget.plan(self.step, self.total, self.world.max(step_seconds, self.device), first)
+        planned = int(self.world.min(planned, self.device))
+        if not first and self.total == self.settings.steps and planned != self.total:  # the first plan
+            self.report.print(f"time budget {self.settings.time_budget}: about {planned} steps at "
+                              f"{step_seconds:.2f} s/step (re-planned after every step)")
+        self.total = planned
 
     def run(self) -> int:
         """Train to the planned total (or a stop request); the progress bar ends however this does."""
@@ -376,46 +389,54 @@ class Trainer:
     def _loop(self) -> int:
         s = self.settings
         self.model.train()
-        # a time budget is planned after 3 steps and re-planned at each eval until the decay starts
-        # (changing the total before then leaves every lr so far unchanged); a resumed run keeps its plan
-        budgeted = s.time_budget is not None and not self.opts.resume
-        step_times: list[float] = []
+        # a resumed run keeps the total its budget planned
+        budget = TimeBudget(s.budget_seconds, s.steps, s.decay_frac, s.eval_every) \
+            if s.time_budget is not None and not self.opts.resume else None
+        self.report.begin(self.step, self.total, budget.seconds if budget else None)
+        start, first_step = time.perf_counter(), self.step + 1
         with StopFlag() as stop:
             while self.step < self.total:
                 t0 = time.perf_counter()
                 row = self.train_step()
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
-                step_times.append(dt)
+                if budget is not None:
+                    self._replan(budget, dt, first=self.step == first_step)
                 tps = s.batch_size * s.seq_len / dt
                 mfu = self.flops_per_step / dt / (self.peak * self.world.world_size)  # global batch on N devices
-                row.update(step=self.step, tok_per_s=tps, mfu=mfu, tokens=self.tokens_seen, time=round(self.elapsed, 3))
+                row.update(step=self.step, tok_per_s=tps, mfu=mfu, tokens=self.tokens_seen, time=round(self.elapsed, 3),
+                           wall=round(time.perf_counter() - start, 3))
                 self.report.step(row, self.total)
-                if budgeted and len(step_times) == 3:
-                    self.plan_budget(sum(step_times[1:]) / 2)  # the first step pays one-off warm-up costs
-                if budgeted and self.step % s.eval_every == 0 and self.step < (1 - s.decay_frac) * self.total:
-                    recent = step_times[1:][-s.eval_every:]
-                    self.plan_budget(sum(recent) / len(recent))
                 if self.step % s.eval_every == 0 or self.step == self.total:
-                    val, bpb = self.evaluate()
-                    self.report.eval({"step": self.step, "val_loss": val, "val_bpb": bpb, "train_loss": row["loss"]},
-                                     self.expert_load())
+                    t1 = time.perf_counter()
+                    self.last_eval = self.evaluate()
+                    self.report.eval({"step": self.step, "val_loss": self.last_eval[0], "val_bpb": self.last_eval[1],
+                                      "train_loss": row["loss"]}, self.expert_load())
                     self.save()
                     self.expert_counts = None  # each eval reports the load of its own interval
+                    if budget is not None:
+                        budget.eval_took(time.perf_counter() - t1)
                 if self.world.any(stop.set, self.device):
                     path = self.save() if self.last_good_step != self.step else self.out_dir / checkpoint.WEIGHTS
                     self.report.close()
                     self.stopped = True
                     self.report.print(f"stopped at step {self.step} of {self.total}; saved {escape(path)}.\n"
-                                      f"resume with: nanods train --resume --out {escape(self.out_dir)} "
-                                      "(and the same options)")
+                                      f"resume with: nanods train --resume --out {escape(quote(str(self.out_dir)))}")
                     return 128 + stop.signal
         if self.last_good_step != self.step:
             self.save()
         self.report.close()
-        self.report.print(f"done: {self.step} steps, {self.tokens_seen:,} tokens in {self.elapsed:.0f} s; "
-                          f"checkpoint {escape(self._weights_arg())}")
+        self._summary(time.perf_counter() - start)
         return 0
+
+    def _summary(self, wall: float) -> None:
+        """The run in one line, also the last row of metrics.jsonl."""
+        peak = peak_memory(self.device)
+        val_loss, val_bpb = getattr(self, "last_eval", (None, None))
+        self.report.summary({"step": self.step, "summary": True, "wall": round(wall, 3), "tokens": self.tokens_seen,
+                             "tok_per_s": self.tokens_seen / max(wall, 1e-9), "val_loss": val_loss,
+                             "val_bpb": val_bpb, "peak_memory_bytes": peak},
+                            self._weights_arg())
 
     def sample(self) -> str:
         """A short sample from the saved model (rank 0), starting a fresh document."""
@@ -432,6 +453,8 @@ class Trainer:
 
 def train(project: Project, run: RunOptions) -> int:
     """Run `nanods train`; returns the exit code."""
+    if run.resume:
+        project = resumed_project(project, run.explicit, run.scale)
     try:
         trainer = Trainer(project, Path(project.train.out), run)
     except BaseException:
@@ -440,7 +463,7 @@ def train(project: Project, run: RunOptions) -> int:
     try:
         code = trainer.run()
     except BaseException:
-        trainer.close()
+        trainer.close(failing=True)
         shutdown(together=False)
         raise
     trainer.close()

@@ -8,16 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from nanods.atomic import atomic_write
+from nanods.memory import format_bytes
 from nanods.terminal import escape
 
 
@@ -29,10 +24,7 @@ class TrainReport:
         self.out_dir, self.log_every, self.enabled = out_dir, log_every, enabled
         self.metrics_path = out_dir / "metrics.jsonl"
         self.bar: Progress | None = None  # started by begin(), once the run is sure to start
-
-    def set_total(self, total: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, total=total)
+        self.budget: float | None = None  # seconds: the bar then measures time, so its ETA is the budget's
 
     def print(self, *args: Any) -> None:
         if self.enabled:
@@ -42,14 +34,19 @@ class TrainReport:
         self._append(row)
         if not self.enabled:
             return
+        steps = f"{row['step']}/{'~' if self.budget else ''}{total}"  # ~: a budget's total is an estimate
         if self.bar is not None:
-            self.bar.update(self.task, completed=row["step"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                            tps=f"{row['tok_per_s']:,.0f}", mfu=f"{100 * row['mfu']:.1f}%")
+            done = min(row["wall"], self.budget) if self.budget else row["step"]
+            self.bar.update(self.task, completed=done, total=self.budget or total, steps=steps,
+                            loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tps=f"{row['tok_per_s']:,.0f}",
+                            mfu=f"{100 * row['mfu']:.1f}%")
         elif row["step"] % self.log_every == 0 or row["step"] in (1, total):
-            self.console.print(f"step {row['step']}/{total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+            self.console.print(f"step {steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
                                f"{row['tok_per_s']:,.0f} tok/s  MFU {100 * row['mfu']:.1f}%", highlight=False)
 
     def eval(self, row: dict[str, Any], expert_load: list[list[float]] | None) -> None:
+        if expert_load:
+            row["expert_load_max_mean"] = [round(max(s) * len(s), 4) for s in expert_load]
         self._append(row)
         if not self.enabled:
             return
@@ -59,29 +56,43 @@ class TrainReport:
         table.add_row(f"{row['val_loss']:.4f}", f"{row['val_bpb']:.4f}", f"{row.get('train_loss', float('nan')):.4f}")
         self.print(table)
         if expert_load:
-            ratios = "  ".join(f"L{i}: {max(s) * len(s):.2f}" for i, s in enumerate(expert_load))
+            ratios = "  ".join(f"L{i}: {r:.2f}" for i, r in enumerate(row["expert_load_max_mean"]))
             self.print(f"expert load max/mean per layer  {ratios}")
         self.plot()
+
+    def summary(self, row: dict[str, Any], checkpoint: str) -> None:
+        """The end of a run: one line on the terminal, the same numbers as the last row of metrics.jsonl."""
+        self._append(row)
+        parts = [f"done: {row['step']} steps, {row['tokens']:,} tokens in {format_duration(row['wall'])} "
+                 f"({row['tok_per_s']:,.0f} tok/s)"]
+        if row["val_loss"] is not None:
+            parts.append(f"val loss {row['val_loss']:.4f}, {row['val_bpb']:.4f} bits/byte")
+        if row["peak_memory_bytes"]:
+            parts.append(f"peak memory {format_bytes(row['peak_memory_bytes'])}")
+        self.print(escape("; ".join(parts) + f"; checkpoint {checkpoint}"))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
 
-    def begin(self, step: int, total: int) -> None:
+    def begin(self, step: int, total: int, budget: float | None = None) -> None:
         """Start the bar and the log at `step`: a fresh run empties the log, a resumed one drops the rows
-        past its checkpoint (they are redone now)."""
+        past its checkpoint (they are redone now). With a time budget (seconds) the bar fills with time."""
+        self.budget = budget
         if self.enabled and self.console.is_terminal:
             self.bar = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("[bold]train"), BarColumn(), TextColumn("{task.fields[steps]}"),
                 TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s  "
                            "MFU {task.fields[mfu]}"),
                 TimeRemainingColumn(), console=self.console, transient=False)
-            self.task = self.bar.add_task("train", total=total, completed=step, loss="-", lr="-", tps="-", mfu="-")
+            self.task = self.bar.add_task("train", total=budget or total, completed=0 if budget else step,
+                                          steps=f"{step}/{'~' if budget else ''}{total}", loss="-", lr="-",
+                                          tps="-", mfu="-")
             self.bar.start()
         if not self.enabled or not self.metrics_path.exists():
             return
-        rows = [r for r in self.rows() if r["step"] <= step]
+        rows = [r for r in self.rows() if r["step"] <= step and not r.get("summary")]  # a new run, a new summary
         atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     def rows(self, warn: bool = True) -> list[dict[str, Any]]:
@@ -123,7 +134,10 @@ class TrainReport:
         rows = self.rows(warn=False)  # begin() already warned about (and dropped) damaged lines
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        load = [(r["step"], r["expert_load_max_mean"]) for r in rows if r.get("expert_load_max_mean")]
+        fig, axes = plt.subplots(2 if load else 1, 1, figsize=(8, 7.5 if load else 4.5), dpi=100, sharex=True,
+                                 squeeze=False, height_ratios=[3, 2] if load else None)
+        ax = axes[0, 0]
         if train:
             steps, values = zip(*train)
             ax.plot(steps, values, color="#4C72B0", alpha=0.3, linewidth=1)
@@ -134,11 +148,19 @@ class TrainReport:
             ax.plot(steps, smooth, label="train loss (EMA 0.9)", color="#4C72B0", linewidth=1.5)
         if val:
             ax.plot(*zip(*val), "o-", label="val loss", color="#DD8452")
-        ax.set_xlabel("optimizer step")
         ax.set_ylabel("cross-entropy (nats/token)")
-        ax.set_title(f"nanods: {self.out_dir}")
+        ax.set_title(f"nanods: {self.out_dir}".replace("$", r"\$"))  # a $ would start matplotlib's math mode
         ax.grid(alpha=0.3)
         ax.legend()
+        if load:  # the MoE balance: 1.0 is perfectly even, E means one expert takes every token
+            steps, ratios = zip(*load)
+            for layer, series in enumerate(zip(*ratios)):
+                axes[1, 0].plot(steps, series, "o-", markersize=3, label=f"layer {layer}")
+            axes[1, 0].axhline(1.0, color="grey", linewidth=0.8)
+            axes[1, 0].set_ylabel("expert load max/mean")
+            axes[1, 0].grid(alpha=0.3)
+            axes[1, 0].legend(fontsize="small", ncol=4)
+        axes[-1, 0].set_xlabel("optimizer step")
         fig.tight_layout()
         try:
             atomic_write(self.out_dir / "loss.png", lambda f: fig.savefig(f, format="png"))
@@ -146,3 +168,13 @@ class TrainReport:
             self.print(f"[yellow]warning:[/] could not write {escape(self.out_dir / 'loss.png')} ({e.strerror or e})")
         finally:
             plt.close(fig)
+
+
+def format_duration(seconds: float) -> str:
+    """0.42 -> '0.42 s', 75 -> '1 min 15 s', 3725 -> '1 h 2 min'."""
+    if seconds < 10:
+        return f"{seconds:.2g} s" if seconds < 1 else f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+    return f"{minutes // 60} h {minutes % 60} min"

@@ -1,7 +1,8 @@
 """A run folder holds one run, written by one trainer at a time.
 
 - An OS file lock (flock) on `.nanods.lock` is held for the trainer's life; the kernel drops it
-  when the process dies, so a kill -9 never leaves a stale lock behind.
+  when the process dies, so a kill -9 never leaves a stale lock behind. (Windows has no flock:
+  there the folder is not locked.)
 - `--overwrite` first moves the old run into `.replaced/` and deletes it only once the new run
   has saved a complete checkpoint pair. If the new run dies before that, the next trainer to
   take the lock (or the failing one itself) moves the old run back.
@@ -27,22 +28,35 @@ from nanods.safetensors_header import read_header
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; the folder is then not locked
+except ImportError:
     fcntl = None
 
 LOCK = ".nanods.lock"
 ASIDE = ".replaced"
-RUN_FILES = re.compile(rf"^({re.escape(checkpoint.WEIGHTS)}|train_state_\d+\.safetensors|metrics\.jsonl|loss\.png)$")
-_TEMP = re.compile(r"^\.(ckpt\.safetensors|train_state_\d+\.safetensors|loss\.png|metrics\.jsonl)\..+\.tmp$")
+MARKER = "replaced.json"  # in ASIDE: the replacing run's id, and whether every old file was moved
+_RUN_FILE = rf"({re.escape(checkpoint.WEIGHTS)}|{checkpoint.STATE_FILE}|metrics\.jsonl|loss\.png)"
+RUN_FILES = re.compile(rf"^{_RUN_FILE}$")
+_TEMP = re.compile(rf"^\.{_RUN_FILE}\..+\.tmp$")  # what atomic_write leaves when killed mid-write
 
 
 class RunDir:
-    """The run folder `path`: lock it, set an old run aside, recover from an interrupted trainer."""
+    """The run folder `path`: lock it, set an old run aside, recover from an interrupted trainer.
+
+    Every OSError becomes one NanodsError line naming the folder.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
         self._created: list[Path] = []  # what acquire() made, removed again if no run ever lands here
+
+    @contextlib.contextmanager
+    def _failing(self, doing: str):  # noqa: ANN202 - a context manager
+        try:
+            yield
+        except OSError as e:
+            raise NanodsError(f"cannot {doing} the run folder '{self.path}' ({e.strerror or e}); "
+                              "check its permissions and free space, or pick another --out") from None
 
     # ---- the lock ---------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -50,22 +64,20 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise NanodsError(f"--out '{self.path}' is a file, not a folder; pick another --out")
         lock = self.path / LOCK
-        try:
+        with self._failing("lock"):
             if not self.path.exists():
                 self.path.mkdir(parents=True)
                 self._created.append(self.path)
             if not lock.exists():
                 self._created.insert(0, lock)
+            if fcntl is None:
+                return
             self._fd = self._lock(lock)
-        except OSError as e:
-            raise NanodsError(f"cannot lock the run folder '{self.path}' ({e.strerror}); pick a writable --out") from None
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, json.dumps(owner).encode())
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, json.dumps(owner).encode())
 
-    def _lock(self, lock: Path) -> int | None:
-        if fcntl is None:
-            return None
+    def _lock(self, lock: Path) -> int:
         while True:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -84,9 +96,9 @@ class RunDir:
 
     def release(self) -> None:
         """Drop the lock; a folder that never received a run loses the lock file (and itself, if made here)."""
-        if self._fd is not None and not any(RUN_FILES.match(p.name) for p in self.path.iterdir()):
-            for made in self._created:
-                with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):
+            if not any(RUN_FILES.match(p.name) for p in self.path.iterdir()):
+                for made in self._created:
                     if made.name == LOCK:
                         made.unlink()
                     else:
@@ -97,13 +109,14 @@ class RunDir:
 
     # ---- one run per folder -----------------------------------------------------------------
     def set_aside(self, new_run: str) -> None:
-        """--overwrite: move the old run into .replaced/ (it is deleted after the new run's first save)."""
+        """--overwrite: move the old run into .replaced/ (deleted after the new run's first save)."""
         aside = self.path / ASIDE
-        aside.mkdir()
-        atomic_write(aside / "replaced.json", json.dumps({"by_run": new_run}).encode())  # before any move
-        for item in sorted(self.path.iterdir()):
-            if RUN_FILES.match(item.name):
+        with self._failing("set aside the old run in"):
+            aside.mkdir()
+            atomic_write(aside / MARKER, json.dumps({"by_run": new_run, "moved": False}).encode())
+            for item in self._run_files():
                 os.replace(item, aside / item.name)
+            atomic_write(aside / MARKER, json.dumps({"by_run": new_run, "moved": True}).encode())
 
     def finish_overwrite(self) -> None:
         """The new run has a complete checkpoint pair: the run it replaced can go."""
@@ -111,23 +124,33 @@ class RunDir:
 
     def recover(self, note: Callable[[str], None]) -> None:
         """Undo or finish an --overwrite that was cut short, and remove what a cut-short save left."""
-        for item in self.path.iterdir():
-            if _TEMP.match(item.name):
-                item.unlink(missing_ok=True)
-        aside = self.path / ASIDE
-        if aside.is_dir():
-            by_run = _json_field(aside / "replaced.json", "by_run")
-            if by_run is not None and _weights_run(self.path) != by_run:
-                self._restore(aside)
-                note(f"restored the run in '{self.path}' that an unfinished --overwrite had set aside")
-            shutil.rmtree(aside)
-        self._remove_orphan_states()
+        with self._failing("repair"):
+            for item in self.path.iterdir():
+                if _TEMP.match(item.name):
+                    item.unlink(missing_ok=True)
+            aside = self.path / ASIDE
+            if aside.is_dir():
+                marker = _read_json(aside / MARKER)
+                by_run = marker.get("by_run")
+                if (not by_run or _weights_run(self.path) != by_run) \
+                        and self._restore(aside, replaced_moved=marker.get("moved") is True):  # it never saved a pair
+                    note(f"put back the run in '{self.path}' that an unfinished --overwrite had set aside")
+                shutil.rmtree(aside)
+            self._remove_orphan_states()
 
-    def _restore(self, aside: Path) -> None:
-        """Move the old run back over the replacing run's files (its states go as orphans next)."""
-        for item in aside.iterdir():
-            if RUN_FILES.match(item.name):
-                os.replace(item, self.path / item.name)
+    def _restore(self, aside: Path, replaced_moved: bool) -> int:
+        """Move the old run back; returns how many files. Once every old file was moved, the run files
+        here are the replacing run's and go first; before that, they are old files not yet moved."""
+        if replaced_moved:
+            for item in self._run_files():
+                item.unlink()
+        old = [item for item in aside.iterdir() if RUN_FILES.match(item.name)]
+        for item in old:
+            os.replace(item, self.path / item.name)
+        return len(old)
+
+    def _run_files(self) -> list[Path]:
+        return sorted(p for p in self.path.iterdir() if RUN_FILES.match(p.name))
 
     def _remove_orphan_states(self) -> None:
         """Training states that pair with no weights here (a save cut short between its two files)."""
@@ -150,16 +173,17 @@ def _read_owner(fd: int) -> str:
         return "a process that is still starting"
 
 
-def _json_field(path: Path, key: str) -> str | None:
+def _read_json(path: Path) -> dict:
+    """A small JSON object written with atomic_write; {} when it is missing or unreadable."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8")).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _weights_run(folder: Path) -> str | None:
     try:
-        return read_header(folder / checkpoint.WEIGHTS)[1].get("nanods.run")
+        return checkpoint.metadata_run(read_header(folder / checkpoint.WEIGHTS)[1])
     except NanodsError:
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -14,12 +15,13 @@ from nanods.errors import NanodsError
 from nanods.layers.ffn.dense import MLP
 from nanods.layers.ffn.experts import KERNELS, RoutedExperts
 from nanods.layers.fp32 import KeepsFloat32
-from nanods.layers.routers.common import router_dtype
 
 
 class MoE(KeepsFloat32):
     """y = shared(x) + sum_k w_k * expert_{i_k}(x), with (w, i) from the router.
 
+    Any router, a plugin's too, keeps its parameters and buffers float32 under
+    `model.to(torch.bfloat16)` and is called by `route` in float32 with autocast off.
     `tokens_per_expert` counts routed tokens of training forwards only; the trainer reads it
     through `update_expert_bias` before each optimizer step.
     """
@@ -27,6 +29,8 @@ class MoE(KeepsFloat32):
     @dataclass
     class Config:
         kernel: str = "auto"  # routed-expert matmuls: "auto", "grouped_mm" (F.grouped_mm) or "loop"
+
+    float32_children = ("router",)
 
     def __init__(self, config: NanoDeepSeekConfig, layer_idx: int) -> None:
         super().__init__()
@@ -42,7 +46,7 @@ class MoE(KeepsFloat32):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
-        weights, indices, aux = self._route(x)
+        weights, indices, aux = self.route(x)
         counts = self._count(indices)
         # count only real training forwards: not eval, not no-grad generation, not a checkpoint recompute
         if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
@@ -52,35 +56,52 @@ class MoE(KeepsFloat32):
             y = y + self.shared(x)
         return y if aux is None else (y, aux)
 
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(weights, indices, aux_loss or None) from the router, called as the host promises and checked.
+
+        Every router runs with autocast off on float32 input, whatever the training dtype, so a
+        plugin need not arrange it (bf16 autocast would round its gate matmul and flip near-ties).
+        A float64 model routes in float64: its tests compare to ~1e-10.
+        """
+        routed = x.to(torch.promote_types(x.dtype, torch.float32))
+        with torch.autocast(x.device.type, enabled=False):
+            out = self.router(routed)
+        self._check(out, (*x.shape[:2], self.config.top_k), routed.dtype)
+        return out[0], out[1], out[2] if len(out) == 3 else None
+
+    def _check(self, out: object, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """The router's output against the contract: shapes and dtypes (free), then, in eager runs,
+        index range and distinctness (one host sync)."""
+        if not isinstance(out, tuple) or len(out) not in (2, 3) or not all(isinstance(t, torch.Tensor) for t in out):
+            self._broken("it must return tensors (weights, indices) or (weights, indices, aux_loss)")
+        weights, indices = out[0], out[1]
+        if weights.shape != shape or weights.dtype != dtype:
+            self._broken(f"weights must be {dtype} {shape}, got {weights.dtype} {tuple(weights.shape)}")
+        if indices.shape != shape or indices.dtype != torch.int64:
+            self._broken(f"indices must be torch.int64 {shape}, got {indices.dtype} {tuple(indices.shape)}")
+        if len(out) == 3 and out[2].dim() != 0:
+            self._broken(f"aux_loss must be a scalar, got shape {tuple(out[2].shape)}")
+        if torch.compiler.is_compiling():  # a value-dependent branch would break the graph
+            return
+        E = self.config.num_experts
+        repeated = (indices.sort(-1).values.diff(dim=-1) == 0).any()
+        low, high, twice = torch.stack([indices.min(), indices.max(), repeated.long()]).tolist()
+        if low < 0 or high >= E:
+            self._broken(f"indices must be in [0, {E}), got {low}..{high}")
+        if twice:
+            self._broken("a token chose the same expert twice; its top_k indices must be distinct")
+
     def _count(self, indices: torch.Tensor) -> torch.Tensor:
-        """Rows routed to each expert (E,), checking the router's ids in eager runs."""
+        """Rows routed to each expert (E,)."""
         E, flat = self.config.num_experts, indices.flatten()
         if torch.compiler.is_compiling():  # bincount's output size depends on the values: a graph cannot have it
             return torch.zeros(E, dtype=flat.dtype, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
-        counts = torch.bincount(flat, minlength=E)
-        if counts.numel() != E:  # an index >= num_experts (negative ones raise in bincount)
-            self._broken(f"indices must be in [0, {E}), got up to {counts.numel() - 1}")
-        return counts
+        return torch.bincount(flat, minlength=E)
 
-    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Call the router and check its output against the contract (shape and dtype checks are free)."""
-        out = self.router(x)
-        expected = (*x.shape[:2], self.config.top_k)
-        dtype = router_dtype(x)
-        problem = None
-        if not isinstance(out, tuple) or len(out) not in (2, 3):
-            problem = "must return (weights, indices) or (weights, indices, aux_loss)"
-        elif out[0].shape != expected or out[0].dtype != dtype:
-            problem = f"weights must be {dtype} {tuple(expected)}, got {out[0].dtype} {tuple(out[0].shape)}"
-        elif out[1].shape != expected or out[1].dtype != torch.int64:
-            problem = f"indices must be int64 {tuple(expected)}, got {out[1].dtype} {tuple(out[1].shape)}"
-        if problem:
-            self._broken(problem)
-        return out[0], out[1], out[2] if len(out) == 3 else None
-
-    def _broken(self, problem: str) -> None:
+    def _broken(self, problem: str) -> NoReturn:
         c = registry.find("router", self.config.router)
-        raise NanodsError(f"router '{c.name}' from package '{c.dist}' broke the contract: {problem}")
+        raise NanodsError(f"router '{c.name}' from package '{c.dist}' broke the contract: {problem}; "
+                          f"fix the router (nanods.testing.check_component checks it) or pick another one")
 
 
 def update_expert_bias(model: nn.Module, all_reduce: Callable[[torch.Tensor], object] | None = None) -> torch.Tensor | None:

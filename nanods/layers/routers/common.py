@@ -7,11 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanods.config import NanoDeepSeekConfig
-from nanods.layers.fp32 import KeepsFloat32
 
 
-class Gate(KeepsFloat32):
-    """x -> expert logits in float32 (float64 for a float64 model), autocast off; subclasses score them."""
+class Gate(nn.Module):
+    """x -> expert logits in x's dtype; subclasses score them.
+
+    The MoE calls routers with autocast off on float32 input (float64 in a float64 model) and keeps
+    this weight float32, so nothing here needs to cast or turn autocast off.
+    """
 
     def __init__(self, config: NanoDeepSeekConfig, layer_idx: int) -> None:
         super().__init__()
@@ -20,13 +23,7 @@ class Gate(KeepsFloat32):
         nn.init.normal_(self.weight, std=0.02)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = router_dtype(x)
-        return F.linear(x.to(dtype), self.weight.to(dtype))
-
-
-def router_dtype(x: torch.Tensor) -> torch.dtype:
-    """float32, or the input's dtype when it is wider (float64 tests compare to ~1e-10)."""
-    return torch.promote_types(x.dtype, torch.float32)
+        return F.linear(x, self.weight.to(x.dtype))
 
 
 def limited_topk(choice: torch.Tensor, config: NanoDeepSeekConfig) -> torch.Tensor:

@@ -25,14 +25,12 @@ class SigmoidRouter(Gate):
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            scores = torch.sigmoid(self.logits(x))  # (B, T, E)
-            indices = limited_topk(scores + self.expert_bias.to(scores.dtype), self.config)
-            weights = finish_weights(scores.gather(-1, indices), self.config)
-            if self.training and self.config.aux_loss_alpha > 0:
-                probs = scores / scores.sum(-1, keepdim=True)
-                aux = self.config.aux_loss_alpha * balance_loss(probs, indices, per_sequence=True)
-                return weights, indices, aux
+        scores = torch.sigmoid(self.logits(x))  # (B, T, E)
+        indices = limited_topk(scores + self.expert_bias.to(scores.dtype), self.config)
+        weights = finish_weights(scores.gather(-1, indices), self.config)
+        if self.training and self.config.aux_loss_alpha > 0:
+            probs = scores / scores.sum(-1, keepdim=True)
+            return weights, indices, self.config.aux_loss_alpha * balance_loss(probs, indices, per_sequence=True)
         return weights, indices
 
     @torch.no_grad()

@@ -33,17 +33,16 @@ class NoisyTopKRouter(nn.Module):
         self.w_noise = nn.Parameter(torch.zeros(config.num_experts, config.n_embd)) if self.options.noise_std else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with torch.autocast(device_type=x.device.type, enabled=False):  # route in float32
-            x = x.float()
-            logits = F.linear(x, self.w_gate.float())
-            if self.training and self.w_noise is not None:
-                scale = F.softplus(F.linear(x, self.w_noise.float()))
-                logits = logits + self.options.noise_std * torch.randn_like(logits) * scale
-            top, indices = logits.topk(self.top_k, dim=-1)
-            weights = torch.softmax(top, dim=-1)
-            if self.training and self.options.balance_alpha > 0:
-                gates = torch.zeros_like(logits).scatter(-1, indices, weights)
-                importance = gates.flatten(0, 1).sum(0)
-                cv2 = importance.var() / (importance.mean() ** 2 + 1e-10)
-                return weights, indices, self.options.balance_alpha * cv2
+        # nanods calls routers on float32 input with autocast off and keeps their weights float32
+        logits = F.linear(x, self.w_gate)
+        if self.training and self.w_noise is not None:
+            scale = F.softplus(F.linear(x, self.w_noise))
+            logits = logits + self.options.noise_std * torch.randn_like(logits) * scale
+        top, indices = logits.topk(self.top_k, dim=-1)
+        weights = torch.softmax(top, dim=-1)
+        if self.training and self.options.balance_alpha > 0:
+            gates = torch.zeros_like(logits).scatter(-1, indices, weights)
+            importance = gates.flatten(0, 1).sum(0)
+            cv2 = importance.var() / (importance.mean() ** 2 + 1e-10)
+            return weights, indices, self.options.balance_alpha * cv2
         return weights, indices

@@ -1,0 +1,45 @@
+"""Fitting a run into a wall-clock budget (`--time-budget 8m`).
+
+The total step count is re-planned after every step from what the recent steps took, evals and
+saves included, so a machine that slows down (other work, thermal limits) shortens the run
+instead of overrunning the budget. Once the learning rate decays, the total may only shrink: the
+decay still reaches zero at the last step, it never restarts.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+
+
+class TimeBudget:
+    """Plans the total number of optimizer steps that fit in `seconds` of wall time from now."""
+
+    WINDOW = 10  # recent steps whose mean time predicts the next ones
+
+    def __init__(self, seconds: float, max_total: int, decay_frac: float, eval_every: int) -> None:
+        self.seconds, self.max_total, self.decay_frac, self.eval_every = seconds, max_total, decay_frac, eval_every
+        self.start = time.perf_counter()
+        self.step_times: deque[float] = deque(maxlen=self.WINDOW)
+        self.eval_seconds = 0.0  # the last eval and save: spread over the steps between evals
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def eval_took(self, seconds: float) -> None:
+        self.eval_seconds = seconds
+
+    def plan(self, step: int, total: int, step_seconds: float, first: bool) -> int:
+        """The total to train to after `step` took `step_seconds` (the first step of a process pays one-off
+        warm-up costs and is not counted)."""
+        if not first:
+            self.step_times.append(step_seconds)
+        if not self.step_times:
+            return total
+        per_step = statistics.fmean(self.step_times) + self.eval_seconds / self.eval_every
+        fits = step + int(max(0.0, self.seconds - self.elapsed) / per_step)
+        planned = max(step + 1, min(self.max_total, fits))
+        decaying = step >= total - int(self.decay_frac * total)
+        return min(planned, total) if decaying else planned

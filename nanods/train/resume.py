@@ -1,0 +1,44 @@
+"""What `--resume` continues: the saved run, whatever ./nanods.toml says today.
+
+A resumed run takes its model from the checkpoint and every training setting from the state saved
+beside it. Only what the command line sets explicitly is applied on top; the trainer then refuses
+any of it that would change what a step computes (model, data, tokenizer, batch, seed, optimizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from nanods import checkpoint
+from nanods.config import NanoDeepSeekConfig, Project, TrainSettings, check_fields, preset
+from nanods.errors import NanodsError
+from nanods.safetensors_header import read_header
+
+
+def resumed_project(project: Project, explicit: dict[str, dict[str, Any]], scale: str | None) -> Project:
+    """`project` with its model and train settings replaced by the saved run's, plus the explicit
+    command-line values. A folder without a saved pair is left to the trainer to report."""
+    out = Path(project.train.out)
+    weights = out / checkpoint.WEIGHTS
+    if not weights.is_file():
+        return project
+    _, meta = read_header(weights)
+    state_file = checkpoint.state_path(out, checkpoint.metadata_step(meta, weights))
+    if not state_file.is_file():
+        return project
+    saved = checkpoint.metadata_json(read_header(state_file)[1], "nanods.train", state_file)
+    settings = saved.get("settings") if isinstance(saved, dict) else None
+    if not isinstance(settings, dict):
+        raise NanodsError(f"'{state_file}' is damaged: its nanods.train metadata lacks the run's settings")
+    train = check_fields(settings, f"the settings saved in {state_file}", TrainSettings)
+    train.update(explicit.get("train", {}), out=project.train.out)  # the folder it was found in
+    if explicit.get("train", {}).get("data", "stdlib") != "stdlib":  # compared with the absolute path it saved
+        train["data"] = str(Path(train["data"]).expanduser().resolve())
+    given = dict(explicit.get("model", {}))
+    scale = scale or given.pop("scale", None)
+    given.pop("scale", None)
+    model = checkpoint.config_from_metadata(meta, weights).to_dict()
+    model.update(preset(scale) if scale else {}, **check_fields(given, "the command line"))
+    return dataclasses.replace(project, model=NanoDeepSeekConfig(**model), train=TrainSettings(**train))
