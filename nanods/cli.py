@@ -208,7 +208,7 @@ def sample(
     temperature: Annotated[Optional[float], typer.Option(help="0 = greedy \\[default: 0.8].")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens; 0 = off \\[default: 50].")] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold, in (0, 1] \\[default: off].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Same seed, same text.")] = None,
+    seed: Annotated[Optional[int], typer.Option(min=0, max=2**63 - 1, help="Same seed, same text.")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Samples, batched in one forward.")] = 1,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole prefix each step (for comparison).")] = False,
     speculative: Annotated[bool, typer.Option("--speculative", help="Self-speculative decoding with the MTP modules.")] = False,
@@ -235,7 +235,7 @@ def sample(
     from nanods.device import resolve_device
     from nanods.generate import stream
     from nanods.inspect import file_kind
-    from nanods.memory import format_bytes
+    from nanods.terminal import format_bytes
     from nanods.tokenizer import StreamDecoder
 
     settings, sources = _sample_settings(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -392,7 +392,7 @@ def _spread(rate: dict[str, float]) -> str:
 
 
 def _print_bench(r: dict[str, Any]) -> None:
-    from nanods.memory import format_bytes
+    from nanods.terminal import format_bytes
 
     cfg = r["model"]
     table = Table(title=f"nanods bench: {escape(r['scale'])} ({escape(cfg['attention'])} x {escape(cfg['ffn'])}), "
@@ -477,7 +477,7 @@ def inspect(
 
 
 def _print_inspect(info: dict[str, Any]) -> None:
-    from nanods.memory import format_bytes
+    from nanods.terminal import format_bytes
 
     cfg = {key: escape(value) for key, value in info["config"].items()}  # a checkpoint's metadata is data, not markup
     title = (f"{cfg['attention']} x {cfg['ffn']}" + (f" ({cfg['router']} router)" if cfg["ffn"] == "moe" else "")

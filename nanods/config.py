@@ -203,7 +203,7 @@ def check_ranges(settings: object, ranges: dict[str, Range], section: str = "") 
 # 256 experts of width 2048, 128K context), so no real model meets them, yet low enough that a
 # typo fails here at once instead of allocating until memory runs out. n_layer also bounds how
 # long `nanods inspect` takes: it builds every layer on the meta device (1024 take a few seconds).
-MAX_VOCAB_SIZE = 2**20  # ids are stored as uint32, and the BPE trainer builds no more (tokenizer.MAX_BPE_VOCAB)
+MAX_VOCAB_SIZE = 2**20  # ids are stored as uint32; the BPE trainer refuses more before it starts
 MAX_SEQUENCE_LEN = 2**20
 MAX_LAYERS = 1024
 MAX_HEADS = 1024
@@ -384,6 +384,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "weight_decay": NON_NEGATIVE,
     "decay_frac": Range(0.0, 1.0),
     "grad_clip": NON_NEGATIVE,  # 0: no clipping
+    **integers("seed", 0, 2**63 - 1),  # torch.manual_seed takes at most a signed 64-bit value
 }
 
 

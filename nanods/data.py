@@ -27,7 +27,7 @@ import torch
 
 from nanods.atomic import atomic_write
 from nanods.errors import NanodsError, did_you_mean
-from nanods.memory import physical_memory
+from nanods.device import physical_memory
 from nanods.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 
 VAL_FRACTION = 0.05

@@ -1,6 +1,9 @@
-"""Choosing the device and dtype from --device / --dtype."""
+"""The device: chosen from --device / --dtype, and how much memory it has."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import torch
 
@@ -48,3 +51,36 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise NanodsError(f"unknown dtype '{name}'{did_you_mean(name, DTYPES)}; use auto, float32/fp32 or bfloat16/bf16")
     return DTYPES[name]
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (sysconf), or None where the OS does not say."""
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+    return pages * page_size if pages > 0 and page_size > 0 else None
+
+
+def device_memory(device: torch.device) -> int | None:
+    """All the memory a device has: physical memory for the CPU, the GPU's total for CUDA; None where unknown.
+
+    Totals, not what is free now: the check refuses only what cannot fit even on an idle machine.
+    """
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if device.type == "cpu":
+        return physical_memory()
+    return None
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """The most memory this process has held: the peak resident set on the CPU, allocated memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux

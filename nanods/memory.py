@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from nanods.config import NanoDeepSeekConfig
+from nanods.device import device_memory
 from nanods.errors import NanodsError
 from nanods.layers.linear import Linear
 from nanods.layers.norm import RMSNorm
 from nanods.model import Block
+from nanods.terminal import format_bytes
 
 # fp32 weight, fp32 gradient and AdamW's two fp32 moments (Muon keeps one moment: less)
 STATE_BYTES_PER_PARAMETER = 16
@@ -101,33 +101,7 @@ def training_memory(config: NanoDeepSeekConfig, batch_size: int, seq_len: int, d
                           batch_size * seq_len * per_token * value_bytes)
 
 
-def physical_memory() -> int | None:
-    """This machine's physical memory in bytes (sysconf), or None where the OS does not say."""
-    try:
-        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
-        return None
-    return pages * page_size if pages > 0 and page_size > 0 else None
 
-
-def device_memory(device: torch.device) -> int | None:
-    """All the memory a device has: physical memory for the CPU, the GPU's total for CUDA; None where unknown.
-
-    Totals, not what is free now: the check refuses only what cannot fit even on an idle machine.
-    """
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[1]
-    if device.type == "cpu":
-        return physical_memory()
-    return None
-
-
-def format_bytes(n: float) -> str:
-    """1288490188800 -> '1.17 TiB'."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n:.0f} B"
 
 
 def check_training_fits(config: NanoDeepSeekConfig, batch_size: int, seq_len: int, dtype: torch.dtype,
@@ -149,15 +123,3 @@ def check_training_fits(config: NanoDeepSeekConfig, batch_size: int, seq_len: in
     raise NanodsError(f"this model needs about {format_bytes(need.total)} to train ({need.parameters:,} parameters x "
                       f"{need.bytes_per_parameter} bytes + activations ~{format_bytes(need.activation_bytes)}) "
                       f"but {where} has {format_bytes(available)}; {fix}")
-
-
-def peak_memory(device: torch.device) -> int | None:
-    """The most memory this process has held: the peak resident set on the CPU, allocated memory on CUDA."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux

@@ -24,3 +24,21 @@ def printable(text: object) -> str:
 def escape(text: object) -> str:
     """printable(text), with rich markup escaped: safe inside a string rich will parse."""
     return _escape_markup(printable(text))
+
+
+def format_bytes(n: float) -> str:
+    """1288490188800 -> '1.17 TiB'."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_duration(seconds: float) -> str:
+    """0.42 -> '0.42 s', 75 -> '1 min 15 s', 3725 -> '1 h 2 min'."""
+    if seconds < 10:
+        return f"{seconds:.2g} s" if seconds < 1 else f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+    return f"{minutes // 60} h {minutes % 60} min"

@@ -15,12 +15,13 @@ from collections.abc import Iterable, Sized
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from nanods.config import MAX_VOCAB_SIZE
 from nanods.errors import NanodsError
 
 EOT = "<|endoftext|>"
 N_BYTES = 256
 # Far above any useful vocabulary, and far below the sizes that make the `tokenizers` trainer abort the process.
-MAX_BPE_VOCAB = 2**20
+MAX_BPE_VOCAB = MAX_VOCAB_SIZE  # a model's vocabulary bound: no tokenizer needs more
 
 
 def _byte_to_unicode() -> dict[int, str]:

@@ -449,13 +449,6 @@ def test_the_largest_allowed_sizes_are_accepted():
     assert (c.n_layer, c.vocab_size, c.sequence_len) == (1024, 2**20, 2**20)
 
 
-def test_the_vocab_bound_is_the_bpe_trainers():
-    from nanods.config import MAX_VOCAB_SIZE
-    from nanods.tokenizer import MAX_BPE_VOCAB
-
-    assert MAX_VOCAB_SIZE == MAX_BPE_VOCAB
-
-
 def test_from_dict_names_where_a_bad_value_came_from():
     with pytest.raises(NanodsError, match=r"^nanods.config of x.safetensors: n_layer must be an integer in 1\.\.1024"):
         NanoDeepSeekConfig.from_dict({"n_layer": 3_000_000}, "nanods.config of x.safetensors")

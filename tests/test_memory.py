@@ -4,10 +4,11 @@ import pytest
 import torch
 from conftest import COMBOS, tiny_config
 
-from nanods import NanoDeepSeek, memory
+from nanods import NanoDeepSeek, device
 from nanods.errors import NanodsError
 from nanods.flops import build_on_meta, count_parameters
-from nanods.memory import check_training_fits, format_bytes, model_size, training_memory
+from nanods.memory import check_training_fits, model_size, training_memory
+from nanods.terminal import format_bytes
 
 GIB = 2**30
 
@@ -70,7 +71,7 @@ def test_bytes_per_parameter_are_adamw_state_plus_autocast_copies():
 def machine_of(monkeypatch):
     """Set the memory the CPU reports."""
     def set_memory(nbytes):
-        monkeypatch.setattr(memory, "physical_memory", lambda: nbytes)
+        monkeypatch.setattr(device, "physical_memory", lambda: nbytes)
     return set_memory
 
 
@@ -114,7 +115,7 @@ def test_cuda_uses_the_gpus_total_memory(monkeypatch):
 
 
 def test_physical_memory_is_read_here():
-    assert memory.physical_memory() > 2**26
+    assert device.physical_memory() > 2**26
 
 
 @pytest.mark.parametrize("n, text", [(0, "0 B"), (1536, "1.5 KiB"), (24 * GIB, "24 GiB"), (1.17 * 2**40, "1.17 TiB")])

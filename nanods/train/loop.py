@@ -23,14 +23,14 @@ import torch
 from nanods import checkpoint
 from nanods.config import NanoDeepSeekConfig, Project, round_up
 from nanods.data import Batches, Corpus, load_corpus, load_tokenizer, tokenize
-from nanods.device import resolve_device, resolve_dtype
+from nanods.device import peak_memory, resolve_device, resolve_dtype
 from nanods.errors import NanodsError
 from nanods.flops import flops_per_token
 from nanods.layers.ffn.moe import update_expert_bias
-from nanods.memory import check_training_fits, peak_memory
+from nanods.memory import check_training_fits
 from nanods.model import NanoDeepSeek
 from nanods.peak import matmul_peak
-from nanods.terminal import escape, printable
+from nanods.terminal import escape, format_bytes, printable
 from nanods.tokenizer import Tokenizer
 from nanods.train.distributed import full_state_dict, init_world, shutdown, wrap
 from nanods.train import optim_state
@@ -127,19 +127,26 @@ class Trainer:
         self.run_id = resumed["run_id"] if resumed else uuid.uuid4().hex[:16]
         if not resumed and s.data != "stdlib":  # a run resumes from any folder: its data path must not be relative
             s.data = str(Path(s.data).expanduser().resolve())
-        self.corpus = load_corpus(s.data, tuple(s.extensions))
+        with self.report.phase("reading the corpus") as done:
+            self.corpus = c = load_corpus(s.data, tuple(s.extensions))
+            done(f"data: {c.name}, {len(c.train) + len(c.val):,} documents, {format_bytes(c.n_bytes)} "
+                 f"({len(c.val):,} for validation)")
         for note in self.corpus.notes:
-            self.report.print(f"data: {escape(note)}")
+            self._note(note)
         source = resumed or (self._init_source() if run.init_from else None)
         with self.world.main_first():  # rank 0 trains the tokenizer and fills the token cache
             if source is not None:
                 model_config, tokenizer = source["config"], source["tokenizer"]
             else:
-                tokenizer = load_tokenizer(self.corpus, s.tokenizer, project.model.vocab_size, self._note)
+                with self.report.phase(f"building the {s.tokenizer} tokenizer") as done:
+                    tokenizer = load_tokenizer(self.corpus, s.tokenizer, project.model.vocab_size, self._note)
+                    done(f"tokenizer: {tokenizer.kind}, {len(tokenizer):,} ids")
                 model_config = _sized_config(project.model, tokenizer)
             if resumed is not None:
                 self._refuse_changes(resumed, project, model_config)
-            tokens = tokenize(self.corpus, tokenizer, self._note)
+            with self.report.phase("tokenizing the corpus") as done:
+                tokens = tokenize(self.corpus, tokenizer, self._note)
+                done(f"tokens: {len(tokens.train):,} train, {len(tokens.val):,} val")
         self.tokenizer = tokenizer
         self.train_tokens, self.val_tokens = tokens.train, tokens.val
         self.bytes_per_token = _bytes_per_token(self.corpus, len(tokens.val))
@@ -159,6 +166,10 @@ class Trainer:
         self.net = wrap(self.model, self.world, s.parallel)  # what forward and backward go through
         self.optimizers = build_optimizers(self.model, s, self.device)
         self.report.print(describe_split(self.model, s))
+        self.report.print(f"training: {s.steps:,} steps" + (f" or {s.time_budget}, whichever ends first" if s.time_budget
+                                                          else "")
+                          + f", batch {s.batch_size} x {s.seq_len} tokens, lr {s.lr:g} ({s.optimizer}), warmup "
+                          f"{s.warmup_steps}, decay over the last {s.decay_frac:.0%}, eval every {s.eval_every}")
         self.step, self.total, self.elapsed, self.tokens_seen = 0, s.steps, 0.0, 0
         if resumed is not None:
             self._load_train_state(resumed)

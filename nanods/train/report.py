@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from nanods.atomic import atomic_write
-from nanods.memory import format_bytes
-from nanods.terminal import escape
+from nanods.terminal import escape, format_bytes, format_duration
 
 
 class TrainReport:
@@ -25,6 +27,17 @@ class TrainReport:
         self.metrics_path = out_dir / "metrics.jsonl"
         self.bar: Progress | None = None  # started by begin(), once the run is sure to start
         self.budget: float | None = None  # seconds: the bar then measures time, so its ETA is the budget's
+        self._torn = self._write_failed = False  # metrics.jsonl: a line left unfinished, a failure reported
+
+    @contextlib.contextmanager
+    def phase(self, doing: str) -> Iterator[Callable[[str], None]]:
+        """A spinner saying what runs (on a terminal); the block reports its result, shown with the duration."""
+        start, result = time.perf_counter(), []
+        spinner = self.console.status(doing) if self.enabled and self.console.is_terminal else contextlib.nullcontext()
+        with spinner:
+            yield result.append
+        for line in result:
+            self.print(f"{escape(line)} [dim]({format_duration(time.perf_counter() - start)})[/]")
 
     def print(self, *args: Any) -> None:
         if self.enabled:
@@ -115,14 +128,27 @@ class TrainReport:
         return rows
 
     def _append(self, row: dict[str, Any]) -> None:
-        """One line, one write() on an O_APPEND file: a failure can only tear the last line."""
+        """One line, one write() on an O_APPEND file: a failure can only tear the last line. The log is a
+        record, not the run: a full disk warns (once) and training goes on to its next save."""
         if not self.enabled:
             return
-        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        line = ("\n" if self._torn else "") + json.dumps(row) + "\n"  # first end a line a short write tore
+        written = 0
         try:
-            os.write(fd, (json.dumps(row) + "\n").encode())
-        finally:
-            os.close(fd)
+            fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                written = os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            error = e.strerror or str(e)
+        else:
+            error = None if written == len(line.encode()) else "a short write"
+        self._torn = 0 < written < len(line.encode())
+        if error and not self._write_failed:
+            self.print(f"[yellow]warning:[/] could not append to {escape(self.metrics_path)} ({escape(error)}); "
+                       "training goes on")
+        self._write_failed = self._write_failed or bool(error)
 
     def plot(self) -> None:
         """loss.png: training loss and validation loss against step."""
@@ -168,13 +194,3 @@ class TrainReport:
             self.print(f"[yellow]warning:[/] could not write {escape(self.out_dir / 'loss.png')} ({e.strerror or e})")
         finally:
             plt.close(fig)
-
-
-def format_duration(seconds: float) -> str:
-    """0.42 -> '0.42 s', 75 -> '1 min 15 s', 3725 -> '1 h 2 min'."""
-    if seconds < 10:
-        return f"{seconds:.2g} s" if seconds < 1 else f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s" if minutes else f"{secs} s"
-    return f"{minutes // 60} h {minutes % 60} min"
