@@ -42,9 +42,9 @@ def file_kind(target: str | Path) -> tuple[Literal["checkpoint", "project"], Pat
         binary = "\0" in codecs.getincrementaldecoder("utf-8")().decode(head)
     except UnicodeDecodeError:
         binary = True
-    if binary:
-        raise NanodsError(f"'{path}' is not a safetensors checkpoint nor a nanods.toml project file; give the "
-                          f"{WEIGHTS} that `nanods train` wrote, or its run folder")
+    if binary or path.suffix == ".safetensors":  # text named like a checkpoint was meant as one
+        what = "a safetensors checkpoint" + ("" if path.suffix == ".safetensors" else " nor a nanods.toml project file")
+        raise NanodsError(f"'{path}' is not {what}; give the {WEIGHTS} that `nanods train` wrote, or its run folder")
     return "project", path
 
 

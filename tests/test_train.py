@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -198,3 +199,22 @@ def test_kill_9_during_an_overwrite_leaves_one_whole_run(corpus, tmp_path):
     assert len(runs) > 1, "no overwrite ever completed a save: sleep longer"
     finish = subprocess.run(args + ["--resume", "--steps", "9"], env=env, capture_output=True, text=True)
     assert finish.returncode == 0, finish.stderr[-2000:]
+
+
+def test_a_run_says_what_it_does_and_sums_itself_up(corpus, tmp_path, capsys):
+    assert train(project(corpus, tmp_path), RunOptions()) == 0
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    for line in (r"data: \S+, \d+ documents, [\d.]+ KiB \(\d+ for validation\) \(\S+ m?s\)",
+                 r"tokenizer: byte, 257 ids", r"tokens: [\d,]+ train, [\d,]+ val",
+                 r"training: 8 steps, batch 4 x 32 tokens, lr 0.01 \(adamw\), warmup 2",
+                 r"done: 8 steps, 1,024 tokens in \S+ (m?s|min) \([\d,]+ tok/s\); val loss [\d.]+, [\d.]+ bits/byte; "
+                 r"peak memory [\d.]+ (MiB|GiB); checkpoint"):
+        assert re.search(line, err), line
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    summary = rows[-1]
+    assert summary["summary"] and summary["step"] == 8 and summary["tokens"] == 1024 and summary["peak_memory_bytes"] > 0
+    loads = [r["expert_load_max_mean"] for r in rows if "val_loss" in r and not r.get("summary")]
+    assert len(loads) == 2 and all(len(r) == 2 and all(1.0 <= x <= 4.0 for x in r) for r in loads)
+    import matplotlib.pyplot as plt
+
+    assert plt.imread(tmp_path / "loss.png").shape[0] > 600  # two panels: the loss and the expert load
