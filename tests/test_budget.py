@@ -53,3 +53,11 @@ def test_a_step_count_replaces_the_presets_budget_but_not_an_explicit_one():
     assert resolve_project({}, scale="small", sets=["train.steps=3000"]).train.time_budget is None
     both = resolve_project({"train": {"time_budget": "2m"}}, scale="small", sets=["train.steps=3000"]).train
     assert (both.steps, both.time_budget) == (3000, "2m")
+
+
+def test_a_machine_that_suddenly_crawls_ends_the_run_after_one_slow_step(monkeypatch):
+    """No plan can cut a step short: what a budget can do is not start another slow one it cannot afford."""
+    wall, steps, _ = simulate(monkeypatch, lambda t: 0.5 if t < 90 else 20.0)
+    assert wall <= 90 + 20.0 + 0.3 + 0.3  # the slow step that was already running, its eval, and one before
+    steady_wall, steady_steps, _ = simulate(monkeypatch, lambda t: 0.5)
+    assert steps < steady_steps

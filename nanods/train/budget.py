@@ -33,13 +33,15 @@ class TimeBudget:
 
     def plan(self, step: int, total: int, step_seconds: float, first: bool) -> int:
         """The total to train to after `step` took `step_seconds` (the first step of a process pays one-off
-        warm-up costs and is not counted)."""
+        warm-up costs and is not counted); `step` itself when no further step fits."""
         if not first:
             self.step_times.append(step_seconds)
         if not self.step_times:
             return total
-        per_step = statistics.fmean(self.step_times) + self.eval_seconds / self.eval_every
+        # the last step alone when it was slower: a machine that just got busy stays busy for a while, and a
+        # step cannot be cut short, so the cost of guessing low is a whole step past the budget
+        per_step = max(statistics.fmean(self.step_times), self.step_times[-1]) + self.eval_seconds / self.eval_every
         fits = step + int(max(0.0, self.seconds - self.elapsed) / per_step)
-        planned = max(step + 1, min(self.max_total, fits))
+        planned = max(step, min(self.max_total, fits))  # `step`: no time left for another one, stop here
         decaying = step >= total - int(self.decay_frac * total)
         return min(planned, total) if decaying else planned

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from nanods import checkpoint
-from nanods.config import NanoDeepSeekConfig, Project, round_up
+from nanods.config import NanoDeepSeekConfig, Project, TrainSettings, round_up
 from nanods.data import Batches, Corpus, load_corpus, load_tokenizer, tokenize
 from nanods.device import peak_memory, resolve_device, resolve_dtype
 from nanods.errors import NanodsError
@@ -89,6 +89,13 @@ def _sized_config(config: NanoDeepSeekConfig, tokenizer: Tokenizer) -> NanoDeepS
     values = config.to_dict()
     values.update(vocab_size=round_up(len(tokenizer), 64), tokenizer_vocab_size=len(tokenizer))
     return NanoDeepSeekConfig(**values)
+
+
+def _describe_training(s: TrainSettings) -> str:
+    """The settings that shape a run, as the line printed at its start."""
+    length = f"{s.steps:,} steps" + (f" or {s.time_budget}, whichever ends first" if s.time_budget else "")
+    return (f"training: {length}, batch {s.batch_size} x {s.seq_len} tokens, lr {s.lr:g} ({s.optimizer}), "
+            f"warmup {s.warmup_steps}, decay over the last {s.decay_frac:.0%}, eval every {s.eval_every}")
 
 
 def _bytes_per_token(corpus: Corpus, n_tokens: int) -> float:
@@ -166,10 +173,7 @@ class Trainer:
         self.net = wrap(self.model, self.world, s.parallel)  # what forward and backward go through
         self.optimizers = build_optimizers(self.model, s, self.device)
         self.report.print(describe_split(self.model, s))
-        self.report.print(f"training: {s.steps:,} steps" + (f" or {s.time_budget}, whichever ends first" if s.time_budget
-                                                          else "")
-                          + f", batch {s.batch_size} x {s.seq_len} tokens, lr {s.lr:g} ({s.optimizer}), warmup "
-                          f"{s.warmup_steps}, decay over the last {s.decay_frac:.0%}, eval every {s.eval_every}")
+        self.report.print(escape(_describe_training(s)))
         self.step, self.total, self.elapsed, self.tokens_seen = 0, s.steps, 0.0, 0
         if resumed is not None:
             self._load_train_state(resumed)
