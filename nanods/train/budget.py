@@ -2,8 +2,9 @@
 
 The total step count is re-planned after every step from what the recent steps took, evals and
 saves included, so a machine that slows down (other work, thermal limits) shortens the run
-instead of overrunning the budget. Once the learning rate decays, the total may only shrink: the
-decay still reaches zero at the last step, it never restarts.
+instead of overrunning the budget. The decay starts where the plan's last decay_frac begins, or
+at once when a slowdown leaves less than that, and then runs linearly to zero over whatever steps
+are left: the total may only shrink from there, so the decay never restarts.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class TimeBudget:
         self.start = time.perf_counter()
         self.step_times: deque[float] = deque(maxlen=self.WINDOW)
         self.eval_seconds = 0.0  # the last eval and save: spread over the steps between evals
+        self.decay_start: int | None = None  # the step the decay began at, once it has
 
     @property
     def elapsed(self) -> float:
@@ -43,5 +45,8 @@ class TimeBudget:
         per_step = max(statistics.fmean(self.step_times), self.step_times[-1]) + self.eval_seconds / self.eval_every
         fits = step + int(max(0.0, self.seconds - self.elapsed) / per_step)
         planned = max(step, min(self.max_total, fits))  # `step`: no time left for another one, stop here
-        decaying = step >= total - int(self.decay_frac * total)
-        return min(planned, total) if decaying else planned
+        if self.decay_start is not None:
+            return min(planned, total)
+        if step >= planned - int(self.decay_frac * planned):
+            self.decay_start = step  # the next step is the decay's first
+        return planned

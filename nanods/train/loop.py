@@ -175,6 +175,7 @@ class Trainer:
         self.report.print(describe_split(self.model, s))
         self.report.print(escape(_describe_training(s)))
         self.step, self.total, self.elapsed, self.tokens_seen = 0, s.steps, 0.0, 0
+        self.decay_start: int | None = None  # set by a time budget (and kept on resume)
         if resumed is not None:
             self._load_train_state(resumed)
         self.forward = torch.compile(self.net) if s.compile else self.net
@@ -282,15 +283,19 @@ class Trainer:
             self.elapsed, self.tokens_seen = float(meta["elapsed"]), int(meta["tokens_seen"])
         except (KeyError, TypeError, ValueError):
             raise NanodsError(f"'{path}' is damaged: its nanods.train metadata lacks the run's progress") from None
-        if self.step != resumed["step"] or not self.step <= self.total or not math.isfinite(self.elapsed):
-            raise NanodsError(f"'{path}' is damaged: step {self.step} of {self.total} does not pair with the "
-                              f"weights' step {resumed['step']}")
+        decay_start = meta.get("decay_start")
+        plausible = self.step == resumed["step"] and self.step <= self.total and math.isfinite(self.elapsed) and (
+            decay_start is None or type(decay_start) is int and 0 <= decay_start <= self.total)
+        if not plausible:
+            raise NanodsError(f"'{path}' is damaged: step {self.step} of {self.total} (decay from {decay_start}) does "
+                              f"not pair with the weights' step {resumed['step']}")
+        self.decay_start = decay_start
         if self.opts.steps_given and self.settings.steps != self.total:
             if self.settings.steps <= self.step:
                 raise NanodsError(f"--steps {self.settings.steps} is not beyond the saved step {self.step}")
             self.report.print(f"re-planned the schedule's tail: total {self.total} -> {self.settings.steps} steps "
                               f"from step {self.step}")
-            self.total = self.settings.steps
+            self.total, self.decay_start = self.settings.steps, None
         optim_state.restore(self.optimizers, self.model, state, meta["optimizers"], path)
         self.report.print(f"resumed at step {self.step} of {self.total}")
 
@@ -302,7 +307,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         s = self.settings
-        factor = lr_factor(self.step, self.total, s.warmup_steps, s.decay_frac)
+        factor = lr_factor(self.step, self.total, s.warmup_steps, s.decay_frac, self.decay_start)
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
@@ -368,8 +373,8 @@ class Trainer:
             return path
         # FSDP shards optimizer state; its runs are saved without it (resume them with --init-from)
         state, opt_meta = optim_state.flatten([] if fsdp else self.optimizers)
-        meta = {"step": self.step, "total": self.total, "elapsed": self.elapsed, "tokens_seen": self.tokens_seen,
-                "settings": asdict(s), "optimizers": opt_meta, "data_fingerprint": self.corpus.fingerprint}
+        meta = {"step": self.step, "total": self.total, "decay_start": self.decay_start, "elapsed": self.elapsed,
+                "tokens_seen": self.tokens_seen, "settings": asdict(s), "optimizers": opt_meta, "data_fingerprint": self.corpus.fingerprint}
         data = {"corpus": self.corpus.name, "fingerprint": self.corpus.fingerprint, "split": self.corpus.split_rule,
                 "tokens_seen": self.tokens_seen}
         try:
@@ -389,6 +394,7 @@ class Trainer:
         """Fit the total to the time left; every rank plans the same total (the smallest)."""
         planned = budget.plan(self.step, self.total, self.world.max(step_seconds, self.device), first)
         planned = int(self.world.min(planned, self.device))
+        self.decay_start = budget.decay_start
         if not first and self.total == self.settings.steps and planned != self.total:  # the first plan
             self.report.print(f"time budget {self.settings.time_budget}: about {planned} steps at "
                               f"{step_seconds:.2f} s/step (re-planned after every step)")
