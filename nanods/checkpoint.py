@@ -169,19 +169,23 @@ def _missing_from(dist: str | None, version: Any) -> str:
     except md.PackageNotFoundError:
         return f" from package '{dist}', which is not installed: pip install {dist}"
     wanted = f"{dist}=={version}" if isinstance(version, str) and version else dist
-    again = "--force-reinstall " if installed == version else ""  # the same version: its install is damaged
+    if installed == version:  # the very version that wrote it: a damaged install, or a file written elsewhere
+        return (f" from {dist} {installed}, which is installed here but offers no such component (see `nanods "
+                f"components`); if its install is damaged: pip install --force-reinstall '{wanted}'")
     return (f" from package '{dist}'; {dist} {installed} is installed but offers no such component "
-            f"(the file was written with version {version}): pip install {again}'{wanted}'")
+            f"(the file was written with version {version}): pip install '{wanted}'")
 
 
 def check_tensor(path: str | Path, name: str, tensor: torch.Tensor, shape: tuple[int, ...] | torch.Size,
-                 dtype: torch.dtype) -> None:
-    """Refuse, naming the file and the tensor, a tensor that is not what the reader expects, before any use."""
+                 dtype: torch.dtype, owner: str = "") -> None:
+    """Refuse, naming the file and the tensor (and what it belongs to), a tensor that is not what the
+    reader expects, before any use."""
+    what = f"tensor '{name}'" + (f" ({owner})" if owner else "")
     if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-        raise NanodsError(f"'{path}' does not fit this model: tensor '{name}' is {_describe(tensor.shape, tensor.dtype)}, "
+        raise NanodsError(f"'{path}' does not fit this model: {what} is {_describe(tensor.shape, tensor.dtype)}, "
                           f"expected {_describe(shape, dtype)}")
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise NanodsError(f"'{path}' is damaged: tensor '{name}' holds NaN or infinite values")
+        raise NanodsError(f"'{path}' is damaged: {what} holds NaN or infinite values")
 
 
 def _describe(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> str:
@@ -245,11 +249,13 @@ def latest_state(out_dir: Path, step: int, run_id: str) -> tuple[dict[str, torch
         raise NanodsError(f"no training state for step {step} in '{out_dir}' ({path.name} is missing); "
                           "start a new run from the weights with --init-from instead")
     _, metadata = read_header(path)
-    if metadata_run(metadata) != run_id or metadata_step(metadata, path) != step:
+    if metadata_run(metadata) != run_id:
         raise NanodsError(f"'{path}' belongs to another run than '{out_dir / WEIGHTS}' (run "
-                          f"{metadata.get('nanods.run') or 'unrecorded'}, step {metadata.get('nanods.step')}; the "
-                          f"weights are run {run_id or 'unrecorded'}, step {step}); start a new run from the "
-                          "weights with --init-from instead")
+                          f"{metadata_run(metadata) or 'unrecorded'}; the weights are run {run_id or 'unrecorded'}); "
+                          "start a new run from the weights with --init-from instead")
+    if metadata_step(metadata, path) != step:
+        raise NanodsError(f"'{path}' holds step {metadata_step(metadata, path)}, but the weights beside it are step "
+                          f"{step}; start a new run from the weights with --init-from instead")
     meta = metadata_json(metadata, "nanods.train", path)
     if not isinstance(meta, dict):
         raise NanodsError(f"'{path}' is damaged: its nanods.train metadata is not a JSON object")

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from nanods import __version__
 from nanods.errors import NanodsError
-from nanods.terminal import escape, printable
+from nanods.terminal import escape, format_bytes, printable
 
 
 class _PlainFlags:
@@ -235,7 +235,6 @@ def sample(
     from nanods.device import resolve_device
     from nanods.generate import stream
     from nanods.inspect import file_kind
-    from nanods.terminal import format_bytes
     from nanods.tokenizer import StreamDecoder
 
     settings, sources = _sample_settings(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -260,7 +259,8 @@ def sample(
                           f"{limit}-token context and leaves no room to generate; shorten the prompt")
     if len(ids) + max_new_tokens > limit:
         if sources["max_new_tokens"] is not None:
-            raise NanodsError(f"prompt ({len(ids)} tokens) + {sources['max_new_tokens']} ({max_new_tokens}) exceeds "
+            raise NanodsError(f"prompt ({len(ids)} token{'s' * (len(ids) > 1)}) + {sources['max_new_tokens']} "
+                              f"({max_new_tokens}) exceeds "
                               f"the model's context of {limit} tokens; shorten the prompt or lower it")
         err.print(f"note: --max-new-tokens {max_new_tokens} lowered to {limit - len(ids)} to fit the model's "
                   f"{limit}-token context", highlight=False)
@@ -272,6 +272,7 @@ def sample(
         sys.stdout.write(printable(text) if tty else text)
         sys.stdout.flush()
 
+    _check_sampling_fits(model, num_samples, len(ids) + max_new_tokens)
     idx = torch.tensor([ids] * num_samples, device=model.lm_head.weight.device)
     decoders = [StreamDecoder(tokenizer) for _ in range(num_samples)]
     texts = [""] * num_samples
@@ -328,16 +329,44 @@ def _sample_settings(given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, s
     return values, sources
 
 
+MAX_PROMPT_BYTES = 2**26  # 64 MiB: far beyond any context; a prompt from /dev/zero must not fill memory
+
+
+def _check_sampling_fits(model: Any, samples: int, length: int) -> None:
+    """Refuse a batch of samples whose KV cache and logits cannot fit, before allocating them."""
+    from nanods.device import device_memory
+
+    weight = model.lm_head.weight
+    need = samples * (length * model.kv_cache_bytes_per_token(weight.dtype) + 16 * model.config.vocab_size)
+    have = device_memory(weight.device)
+    if have and need > have // 2:
+        raise NanodsError(f"--num-samples {samples} needs about {format_bytes(need)} for the KV cache and logits, "
+                          f"more than half of this machine's {format_bytes(have)}; lower --num-samples")
+
+
+def _read_bounded(f: Any, source: str) -> bytes:
+    data = f.read(MAX_PROMPT_BYTES + 1)
+    if len(data) > MAX_PROMPT_BYTES:
+        raise NanodsError(f"{source} is longer than {format_bytes(MAX_PROMPT_BYTES)}, far beyond any model's "
+                          "context; give the part to continue")
+    return data
+
+
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     """The prompt text: --prompt or --prompt-file, else stdin when piped, else empty; it must be UTF-8."""
     if prompt_file is not None:
-        if not prompt_file.is_file():
+        if not prompt_file.exists():
             raise NanodsError(f"prompt file '{prompt_file}' not found")
-        data, source = prompt_file.read_bytes(), f"prompt file '{prompt_file}'"
+        if not prompt_file.is_file():
+            raise NanodsError(f"prompt file '{prompt_file}' is not a regular file; give a text file")
+        source = f"prompt file '{prompt_file}'"
+        with prompt_file.open("rb") as f:
+            data = _read_bounded(f, source)
     elif prompt is not None:  # the bytes of the command line, which Python keeps as surrogates when not UTF-8
         data, source = prompt.encode("utf-8", "surrogateescape"), "--prompt"
     elif not sys.stdin.isatty():
-        data, source = sys.stdin.buffer.read(), "the prompt on stdin"
+        source = "the prompt on stdin"
+        data = _read_bounded(sys.stdin.buffer, source)
     else:
         return ""
     try:
@@ -392,8 +421,6 @@ def _spread(rate: dict[str, float]) -> str:
 
 
 def _print_bench(r: dict[str, Any]) -> None:
-    from nanods.terminal import format_bytes
-
     cfg = r["model"]
     table = Table(title=f"nanods bench: {escape(r['scale'])} ({escape(cfg['attention'])} x {escape(cfg['ffn'])}), "
                         f"{r['dtype']} on {r['device']} "
@@ -477,8 +504,6 @@ def inspect(
 
 
 def _print_inspect(info: dict[str, Any]) -> None:
-    from nanods.terminal import format_bytes
-
     cfg = {key: escape(value) for key, value in info["config"].items()}  # a checkpoint's metadata is data, not markup
     title = (f"{cfg['attention']} x {cfg['ffn']}" + (f" ({cfg['router']} router)" if cfg["ffn"] == "moe" else "")
              + f", {cfg['n_layer']} layers, d={cfg['n_embd']}, vocab {cfg['vocab_size']}")

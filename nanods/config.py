@@ -116,7 +116,7 @@ class NanoDeepSeekConfig:
 
     def validate(self) -> None:
         """Raise NanodsError naming the first inconsistent field."""
-        check_ranges(self, MODEL_RANGES)
+        check_ranges(self, MODEL_RANGES, "model.")
         checks = [
             (self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
             (self.use_mla or self.n_head % self.n_kv_head == 0,  # n_kv_head means nothing for MLA
@@ -377,7 +377,10 @@ class TrainSettings:
 
 TRAIN_RANGES: dict[str, Range] = {
     **integers("seq_len", 1, MAX_SEQUENCE_LEN),
-    **integers("steps batch_size eval_every eval_batches log_every", 1),
+    **integers("steps eval_every log_every", 1),
+    # every step draws its whole batch's offsets at once, every eval its batches': bounded, they cannot exhaust memory
+    **integers("batch_size micro_batch_size", 1, 2**16),
+    **integers("eval_batches", 1, 1000),
     **integers("warmup_steps", 0),
     "lr": POSITIVE,
     "muon_lr": POSITIVE,

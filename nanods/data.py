@@ -271,7 +271,10 @@ def load_corpus(spec: str = "stdlib", extensions: tuple[str, ...] = (".py", ".tx
 
 def cache_dir() -> Path:
     """Where tokenizers and token files are cached: $NANODS_CACHE, else ~/.cache/nanods."""
-    return Path(os.environ.get("NANODS_CACHE") or "~/.cache/nanods").expanduser()
+    path = Path(os.environ.get("NANODS_CACHE") or "~/.cache/nanods").expanduser()
+    if path.exists() and not path.is_dir():
+        raise NanodsError(f"the cache '{path}' is not a folder; point NANODS_CACHE at a folder (or unset it)")
+    return path
 
 
 def load_tokenizer(corpus: Corpus, kind: str, vocab_size: int, note: Callable[[str], None] | None = None) -> Tokenizer:
@@ -340,14 +343,23 @@ def _tokens_damage(path: Path, dtype: type[np.unsignedinteger]) -> str | None:
     return None if size == expected else f"{size:,} bytes where its header promises {expected:,}"
 
 
-def _cached_tokens(path: Path, dtype: type[np.unsignedinteger], note: Callable[[str], None] | None) -> bool:
-    """Whether path holds a usable token file; a damaged one is reported through note."""
+def _open_tokens(path: Path, dtype: type[np.unsignedinteger]) -> np.ndarray:
+    return np.memmap(path, dtype=dtype, mode="r", offset=TOKENS_HEADER.size)
+
+
+def _cached_tokens(path: Path, dtype: type[np.unsignedinteger], vocab: int,
+                   note: Callable[[str], None] | None) -> np.ndarray | None:
+    """The token file at path when it is usable (every id below vocab: an id past the embedding would index
+    out of bounds); None when missing, and a damaged one is reported through note."""
     if not path.exists():
-        return False
+        return None
     damage = _tokens_damage(path, dtype)
+    tokens = None if damage else _open_tokens(path, dtype)
+    if tokens is not None and len(tokens) and int(tokens.max()) >= vocab:
+        damage, tokens = f"id {int(tokens.max())} is outside the tokenizer's {vocab} ids", None
     if damage:
         _tell(note, f"the token cache '{path}' is damaged ({damage}); rebuilding it")
-    return damage is None
+    return tokens
 
 
 def tokenize(corpus: Corpus, tokenizer: Tokenizer, note: Callable[[str], None] | None = None) -> TokenSplits:
@@ -357,10 +369,11 @@ def tokenize(corpus: Corpus, tokenizer: Tokenizer, note: Callable[[str], None] |
     arrays = {}
     for split in ("train", "val"):
         path = cache_dir() / "tokens" / f"{corpus.fingerprint}-{tokenizer.fingerprint()}-{split}.tokens"
-        if not _cached_tokens(path, dtype, note):
+        arrays[split] = _cached_tokens(path, dtype, len(tokenizer), note)
+        if arrays[split] is None:
             atomic_write(path, functools.partial(_write_tokens, docs=getattr(corpus, split),
                                                   tokenizer=tokenizer, dtype=dtype))
-        arrays[split] = np.memmap(path, dtype=dtype, mode="r", offset=TOKENS_HEADER.size)
+            arrays[split] = _open_tokens(path, dtype)
     return TokenSplits(**arrays)
 
 

@@ -558,3 +558,23 @@ def test_readme_python_api_prints_clean_text(readme, tmp_path, monkeypatch, caps
     monkeypatch.setattr("nanods.generate.stream", _stream_of([*b"hi", byte_tokenizer().eot_id]))
     exec(compile(code.replace("runs/nanods/ckpt.safetensors", str(path)), readme, "exec"), {})
     assert capsys.readouterr().out == "hi\n"  # no <|endoftext|> before or after the text
+
+
+def test_a_prompt_file_that_is_not_a_regular_file_is_named_as_such(sample_ckpt, capsys):
+    code, out, err = main_in_process(["sample", sample_ckpt, "-q", "--prompt-file", "/dev/zero"], capsys)
+    assert code == 1 and _error_lines(err) == ["error: prompt file '/dev/zero' is not a regular file; give a text file"]
+
+
+def test_a_prompt_on_stdin_is_read_bounded(sample_ckpt, monkeypatch, capsys):
+    monkeypatch.setattr("nanods.cli.MAX_PROMPT_BYTES", 100)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"x" * 101)))
+    code, out, err = main_in_process(["sample", sample_ckpt, "-q"], capsys)
+    assert code == 1 and "the prompt on stdin is longer than 100 B" in err
+
+
+def test_too_many_samples_for_the_memory_are_refused_before_allocating(sample_ckpt, monkeypatch, capsys):
+    monkeypatch.setattr("nanods.device.physical_memory", lambda: 2**20)
+    code, out, err = main_in_process(["sample", sample_ckpt, "-q", "--num-samples", "1000", "--max-new-tokens", "4"],
+                                     capsys)
+    assert code == 1 and re.search(r"--num-samples 1000 needs about [\d.]+ MiB .* than half of this machine's "
+                                   r"1 MiB; lower --num-samples", " ".join(err.split())), err

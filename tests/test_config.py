@@ -392,7 +392,7 @@ NAN, INF = float("nan"), float("inf")
     *[("sample", "top_p", value, r"a finite number in \(0, 1\]") for value in (NAN, INF, 0.0, 1.5)],
 ])
 def test_a_number_outside_its_range_is_one_line_naming_it(section, key, value, allowed):
-    prefix = "" if section == "model" else f"{section}\\."  # model fields read the same in Python and in nanods.toml
+    prefix = f"{section}\\."  # named as in nanods.toml
     with pytest.raises(NanodsError, match=f"^{prefix}{key} must be {allowed}, got {value}$"):
         resolve_project({section: {key: value}})
 
@@ -438,7 +438,7 @@ def test_a_nan_from_the_command_line_is_refused_too():
     ("first_k_dense", 2000, 1024),
 ])
 def test_absurd_sizes_fail_at_once(key, value, bound):
-    with pytest.raises(NanodsError, match=f"^{key} must be an integer in [01]\\.\\.{bound}, got {value}$"):
+    with pytest.raises(NanodsError, match=f"^model\\.{key} must be an integer in [01]\\.\\.{bound}, got {value}$"):
         NanoDeepSeekConfig(**{key: value})
 
 
@@ -450,5 +450,11 @@ def test_the_largest_allowed_sizes_are_accepted():
 
 
 def test_from_dict_names_where_a_bad_value_came_from():
-    with pytest.raises(NanodsError, match=r"^nanods.config of x.safetensors: n_layer must be an integer in 1\.\.1024"):
+    with pytest.raises(NanodsError, match=r"^nanods.config of x.safetensors: model\.n_layer must be an integer in 1\.\.1024"):
         NanoDeepSeekConfig.from_dict({"n_layer": 3_000_000}, "nanods.config of x.safetensors")
+
+
+@pytest.mark.parametrize("key, value", [("eval_batches", 10**8), ("batch_size", 10**6), ("micro_batch_size", 10**6)])
+def test_batch_counts_are_bounded(key, value):
+    with pytest.raises(NanodsError, match=rf"^train\.{key} must be an integer in 1\.\.\d+, got {value}$"):
+        resolve_project({}, sets=[f"train.{key}={value}"])

@@ -314,7 +314,8 @@ def cut_in_half(data: bytes) -> bytes:
     lambda data: data + b"\0\0",
     lambda data: data[:8] + b"\x09" + data[9:],  # another format version
     lambda data: data.replace(b"<u2", b"<u4", 1),
-], ids=["cut", "headerless", "shorter-than-header", "extra-bytes", "other-version", "other-dtype"])
+    lambda data: data[:TOKENS_HEADER.size] + b"\xff" * (len(data) - TOKENS_HEADER.size),  # ids past the vocabulary
+], ids=["cut", "headerless", "shorter-than-header", "extra-bytes", "other-version", "other-dtype", "ids-out-of-range"])
 def test_damaged_token_cache_is_rebuilt(tmp_path, cache, damage):
     path = tmp_path / "book.txt"
     path.write_text(paragraphs(100), encoding="utf-8")
@@ -364,3 +365,10 @@ def test_bpe_vocab_size_is_bounded():
         with pytest.raises(NanodsError, match=r"model.vocab_size \(.*\) is above the BPE maximum of 1,048,576"):
             train_bpe(["some text"], size)
     assert time.perf_counter() - start < 1  # refused before any training
+
+
+def test_a_cache_that_is_not_a_folder_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("x")
+    monkeypatch.setenv("NANODS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(NanodsError, match=r"the cache '.*cache' is not a folder; point NANODS_CACHE at a folder"):
+        tokenize(load_corpus("stdlib"), byte_tokenizer())

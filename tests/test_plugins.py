@@ -152,7 +152,7 @@ def test_checkpoints_record_provenance_and_name_a_missing_package(install, tmp_p
     assert torch.equal(loaded.blocks[0].ffn.router.gate, model.blocks[0].ffn.router.gate)
     (tmp_path / "fake_router-0.3.dist-info" / "entry_points.txt").write_text("")  # "uninstall" it
     registry.components.cache_clear()
-    with pytest.raises(NanodsError, match="needs router 'plain' from package 'fake-router'.*pip install --force-reinstall 'fake-router==0.3'"):
+    with pytest.raises(NanodsError, match="needs router 'plain' from fake-router 0.3, which is installed here but offers no such component.*pip install --force-reinstall 'fake-router==0.3'"):
         checkpoint.load(path)
 
 

@@ -71,7 +71,8 @@ def test_a_state_of_another_run_is_refused(corpus, tmp_path, run):
     (lambda t: t.update({"optimizer7.0.exp_avg": torch.zeros(3)}), r"'optimizer7.0.exp_avg', which no parameter"),
     (lambda t: t.update({"weird": torch.zeros(3)}), r"holds tensor 'weird'"),
     (lambda t: t.update({"optimizer0.0.step": torch.tensor(float("inf"))}), r"not a step count"),
-    (lambda t: t.update({"optimizer0.0.exp_avg": torch.tensor(0.5)}), r"'optimizer0.0.exp_avg' .* is \[\] float32"),
+    (lambda t: t.update({"optimizer0.0.exp_avg": torch.tensor(0.5)}), r"'optimizer0.0.exp_avg' \(the state of '.*'\) is \[\] float32"),
+    (lambda t: t["optimizer0.2.exp_avg_sq"].view(-1).__setitem__(0, -1.0), r"holds negative second moments"),
     (lambda t: t.pop("optimizer0.0.exp_avg_sq"), r"the state of '.*' lacks exp_avg_sq"),
     (lambda t: t.update({"optimizer0.0.momentum_buffer": torch.zeros(3)}), r"'optimizer0.0.momentum_buffer', which no"),
 ])
@@ -88,12 +89,13 @@ def test_a_larger_foreign_state_with_a_forged_run_id_is_refused(corpus, tmp_path
     run_id = read_header(run / "ckpt.safetensors")[1]["nanods.run"]
     os.replace(state_file(big), state_file(run))
     rewrite(state_file(run), edit_meta=lambda m: m.update({"nanods.run": run_id}))
-    with pytest.raises(NanodsError, match=r"does not fit this model: tensor 'optimizer0\.\d+\.exp_avg' \(state of"):
+    with pytest.raises(NanodsError, match=r"does not fit this model: tensor 'optimizer0\.\d+\.exp_avg' \(the state of"):
         resume(corpus, run, steps=12)
 
 
 @pytest.mark.parametrize("edit,message", [
     (lambda m: m.pop("nanods.train"), r"lacks its nanods.train metadata"),
+    (lambda m: m.update({"nanods.step": "4"}), r"holds step 4, but the weights beside it are step 8"),
     (lambda m: m.update({"nanods.train": "{"}), r"nanods.train metadata is not valid JSON"),
     (lambda m: m.update({"nanods.train": json.dumps({**json.loads(m["nanods.train"]), "optimizers": [
         {"param_groups": [], "scalars": {}}]})}), r"parameter groups do not match"),
@@ -350,3 +352,35 @@ def test_a_real_full_disk_during_a_save_keeps_the_previous_pair(corpus, tmp_path
     assert read_header(tmp_path / "copy" / "ckpt.safetensors")[1]["nanods.step"] == "4"
     assert resume(corpus, tmp_path / "copy") == 0
     assert read_header(tmp_path / "copy" / "ckpt.safetensors")[1]["nanods.step"] == "8"
+
+
+def test_init_from_refuses_model_options_it_would_ignore(corpus, tmp_path, run):
+    options = RunOptions(init_from=str(run / "ckpt.safetensors"), explicit={"model": {"n_embd": 32}})
+    with pytest.raises(NanodsError, match=r"--init-from takes the model from .* model.n_embd: 64 -> 32"):
+        train(project(corpus, tmp_path / "ft", "model.n_embd=32"), options)
+
+
+def test_a_folder_with_files_of_a_run_that_never_saved_needs_overwrite(corpus, tmp_path):
+    out = tmp_path / "half"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    with pytest.raises(NanodsError, match=r"holds metrics.jsonl of a run that never saved a checkpoint; start over "
+                                          r"with --overwrite"):
+        train(project(corpus, out), RunOptions())
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n'
+    assert train(project(corpus, out), RunOptions(overwrite=True)) == 0
+
+
+def test_a_second_signal_aborts_at_once_and_the_last_pair_stays(corpus, tmp_path, monkeypatch):
+    original_step = loop.TrainReport.step
+
+    def terminate_twice_at_6(self, row, total):
+        original_step(self, row, total)
+        if row["step"] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler that does not wait
+
+    monkeypatch.setattr(loop.TrainReport, "step", terminate_twice_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(project(corpus, tmp_path), RunOptions())
+    assert read_header(tmp_path / "ckpt.safetensors")[1]["nanods.step"] == "4"  # the eval at step 4 saved it

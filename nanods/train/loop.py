@@ -38,7 +38,7 @@ from nanods.train.optim import build_optimizers, describe_split
 from nanods.train.report import TrainReport
 from nanods.train.resume import resumed_project
 from nanods.train.budget import TimeBudget
-from nanods.train.run_dir import RunDir
+from nanods.train.run_dir import RUN_FILES, RunDir
 from nanods.train.schedule import lr_factor
 
 # settings that must not change under --resume (everything that decides what a step computes)
@@ -58,7 +58,7 @@ class RunOptions:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop at the next optimizer step (a second Ctrl-C still aborts)."""
+    """SIGINT/SIGTERM ask the loop to stop at the next optimizer step (a second signal aborts at once)."""
 
     def __init__(self) -> None:
         self.set = False
@@ -71,9 +71,9 @@ class StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.set and signum == signal.SIGINT:
+        if self.set:  # asked twice: the user (or the scheduler) will not wait for the step to end
             raise KeyboardInterrupt
-        self.set, self.signal = True, self.signal or signum
+        self.set, self.signal = True, signum
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():
@@ -184,7 +184,7 @@ class Trainer:
         self.expert_counts: torch.Tensor | None = None
         self.stopped = False  # by SIGINT/SIGTERM: no sample at the end, the user wants out
         self.last_good_step: int | None = resumed["step"] if resumed else None
-        self.replacing = self.opts.overwrite and (out_dir / checkpoint.WEIGHTS).exists()
+        self.replacing = self.opts.overwrite and any(RUN_FILES.match(p.name) for p in out_dir.iterdir())
         if self.replacing and self.world.is_main:  # only once everything checked out: a failed start changes nothing
             self.run_dir.set_aside(self.run_id)
 
@@ -225,6 +225,10 @@ class Trainer:
         if weights.exists() and not self.opts.resume and not self.opts.overwrite:
             raise NanodsError(f"'{weights}' already holds a run: continue it with --resume, "
                               f"start over with --overwrite, or pick another --out")
+        leftovers = sorted(p.name for p in self.out_dir.iterdir() if RUN_FILES.match(p.name))
+        if leftovers and not weights.exists() and not self.opts.overwrite:
+            raise NanodsError(f"'{self.out_dir}' holds {', '.join(leftovers)} of a run that never saved a checkpoint; "
+                              "start over with --overwrite, or pick another --out")
         if self.opts.resume and not weights.exists():
             raise NanodsError(f"nothing to resume: '{weights}' does not exist (drop --resume to start a run)")
         if self.opts.resume and self.opts.init_from:
@@ -249,8 +253,8 @@ class Trainer:
         if not isinstance(meta.get("settings"), dict) or not isinstance(meta.get("optimizers"), list):
             raise NanodsError(f"'{state_file}' is damaged: its nanods.train metadata lacks settings or optimizers")
         if not meta["optimizers"]:
-            raise NanodsError(f"'{path}' was saved by an FSDP run, which keeps no optimizer state, so it cannot be "
-                              f"resumed exactly; start a new run from its weights: nanods train --init-from "
+            raise NanodsError(f"'{state_file}' was saved by an FSDP run, which keeps no optimizer state, so the run "
+                              f"cannot be resumed exactly; start a new run from its weights: nanods train --init-from "
                               f"{quote(self._weights_arg())} --out NEW_DIR")
         return source
 
@@ -259,6 +263,12 @@ class Trainer:
         if not path.is_file():
             raise NanodsError(f"--init-from '{path}' not found")
         source = self._read_checkpoint(path)
+        stored = source["config"].to_dict()
+        given = {k: v for k, v in self.opts.explicit.get("model", {}).items() if k != "scale"}
+        changed = [f"model.{k}: {stored.get(k)!r} -> {v!r}" for k, v in given.items() if stored.get(k) != v]
+        if changed:  # the weights fix the model: a silently ignored option would mislead
+            raise NanodsError(f"--init-from takes the model from '{path}', which differs from the command line: "
+                              f"{'; '.join(changed)}; drop those options, or train a new model without --init-from")
         self.report.print(f"initialised from {escape(path)} (step {source['step']}); a new run starts at step 0")
         return source
 
@@ -290,13 +300,14 @@ class Trainer:
             raise NanodsError(f"'{path}' is damaged: step {self.step} of {self.total} (decay from {decay_start}) does "
                               f"not pair with the weights' step {resumed['step']}")
         self.decay_start = decay_start
-        if self.opts.steps_given and self.settings.steps != self.total:
-            if self.settings.steps <= self.step:
-                raise NanodsError(f"--steps {self.settings.steps} is not beyond the saved step {self.step}")
+        replan = self.opts.steps_given and self.settings.steps != self.total
+        if replan and self.settings.steps <= self.step:
+            raise NanodsError(f"--steps {self.settings.steps} is not beyond the saved step {self.step}")
+        optim_state.restore(self.optimizers, self.model, state, meta["optimizers"], path)
+        if replan:
             self.report.print(f"re-planned the schedule's tail: total {self.total} -> {self.settings.steps} steps "
                               f"from step {self.step}")
             self.total, self.decay_start = self.settings.steps, None
-        optim_state.restore(self.optimizers, self.model, state, meta["optimizers"], path)
         self.report.print(f"resumed at step {self.step} of {self.total}")
 
     # ---- the loop ---------------------------------------------------------------------------

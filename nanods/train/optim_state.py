@@ -60,7 +60,9 @@ def restore(optimizers: list[torch.optim.Optimizer], model: nn.Module, tensors: 
                     or tensor.item() < 0:
                 raise NanodsError(f"'{path}' is damaged: '{name}' is not a step count")
         else:
-            check_tensor(path, f"{name}' (state of '{names.get(id(param), '?')}", tensor, param.shape, param.dtype)
+            check_tensor(path, name, tensor, param.shape, param.dtype, f"the state of '{names.get(id(param), '?')}'")
+            if key.endswith("_sq") and bool((tensor < 0).any()):  # a second moment: sqrt of it divides the step
+                raise NanodsError(f"'{path}' is damaged: tensor '{name}' holds negative second moments")
         states[index].setdefault(pid, {})[key] = tensor
     for index, (optimizer, meta) in enumerate(zip(optimizers, metas)):
         expected = STATE_KEYS[type(optimizer)]
