@@ -163,12 +163,15 @@ def train(
     ffn: Annotated[Optional[str], typer.Option(help="FFN component, e.g. moe or dense.")] = None,
     router: Annotated[Optional[str], typer.Option(help="Router component, e.g. sigmoid or softmax.")] = None,
     data: Annotated[Optional[str], typer.Option(help="Corpus: stdlib, or a .txt file, a folder, a .jsonl.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Total optimizer steps of the run.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Total optimizer steps of the run; replaces the preset's time budget.")] = None,
     time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Fit the run into e.g. 90s, 5m, 1h.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run directory for checkpoints, metrics.jsonl, loss.png.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
-    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Start a new run from a checkpoint's weights.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out with its own model, data and "
+                                                         "settings (nanods.toml is not read for them).")] = False,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Start a new run from a checkpoint's weights and "
+                                                                         "tokenizer; training settings come from the usual chain.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in --out (kept aside until the new "
+                                                             "run's first save).")] = False,
     device: Annotated[Optional[str], typer.Option(help="auto (cuda, else mps, else cpu), cpu, cuda or mps.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto (bf16 where native, else fp32), float32/fp32, bfloat16/bf16.")] = None,
     sets: Annotated[Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override any key: "
@@ -180,7 +183,7 @@ def train(
       nanods train --scale tiny --steps 40 --out runs/tiny
       nanods train --scale small    # the default project: an 8-minute budget
       nanods train --resume --out runs/tiny --steps 80
-    Ctrl-C stops at the next step, saves, and prints how to resume.
+    Ctrl-C (or SIGTERM) stops at the next step, saves, prints how to resume and exits 130 (143).
     """
     from nanods.config import command_line_values, load_project
     from nanods.train.loop import RunOptions
@@ -191,7 +194,7 @@ def train(
     project = load_project(config, scale=scale, cli=cli, sets=sets)
     explicit = command_line_values(cli, sets)
     code = run_training(project, RunOptions(resume=resume, init_from=init_from, overwrite=overwrite, scale=scale,
-                                            steps_given="steps" in explicit.get("train", {}), explicit=explicit))
+                                            explicit=explicit))
     if code:
         sys.exit(code)  # a graceful stop already said what happened and how to resume
 
@@ -246,7 +249,7 @@ def sample(
         raise NanodsError("--compile decodes one sample on the KV cache: drop --num-samples/--no-cache or --compile")
     kind, ckpt = file_kind(ckpt)
     if kind != "checkpoint":
-        raise NanodsError(f"'{ckpt}' is a project file, not a checkpoint; give the ckpt.safetensors that "
+        raise NanodsError(f"'{ckpt}' is text, not a checkpoint; give the ckpt.safetensors that "
                           "`nanods train` wrote, or its run folder")
     model, tokenizer = load(ckpt, resolve_device(device))
     if speculative and model.config.mtp_depth < 1:

@@ -31,8 +31,10 @@ def file_kind(target: str | Path) -> tuple[Literal["checkpoint", "project"], Pat
         if not (path / WEIGHTS).is_file():
             raise NanodsError(f"'{path}' is a folder without {WEIGHTS}; give a checkpoint file or a run folder")
         return "checkpoint", path / WEIGHTS
-    if not path.is_file():
+    if not path.exists():
         raise NanodsError(f"'{path}' not found; check the path")
+    if not path.is_file():  # opening a FIFO could block forever
+        raise NanodsError(f"'{path}' is not a regular file; give a checkpoint file or a run folder")
     with path.open("rb") as f:
         head = f.read(4096)
     # Read as a number, the first 8 bytes of any text are >= 2**56 (no byte is 0): no header is that long

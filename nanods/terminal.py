@@ -35,9 +35,11 @@ def format_bytes(n: float) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    """0.42 -> '0.42 s', 75 -> '1 min 15 s', 3725 -> '1 h 2 min'."""
+    """0.42 -> '420 ms', 3.33 -> '3.3 s', 75 -> '1 min 15 s', 3725 -> '1 h 2 min'."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms" if seconds >= 0.001 else "< 1 ms"
     if seconds < 10:
-        return f"{seconds:.2g} s" if seconds < 1 else f"{seconds:.1f} s"
+        return f"{seconds:.1f} s"
     minutes, secs = divmod(round(seconds), 60)
     if minutes < 60:
         return f"{minutes} min {secs} s" if minutes else f"{secs} s"

@@ -68,4 +68,4 @@ def resuming(*sets):
     from nanods.train.loop import RunOptions
 
     explicit = command_line_values(None, list(sets))
-    return RunOptions(resume=True, explicit=explicit, steps_given="steps" in explicit.get("train", {}))
+    return RunOptions(resume=True, explicit=explicit)

@@ -20,6 +20,7 @@ def simulate(monkeypatch, seconds_per_step, budget=100.0, eval_every=10, eval_se
         clock[0] += dt
         step += 1
         total = plan.plan(step, total, dt, first=step == 1)
+        plan.settle(step, total)
         if step % eval_every == 0 or step == total:
             clock[0] += eval_seconds
             plan.eval_took(eval_seconds)
@@ -62,3 +63,23 @@ def test_a_machine_that_suddenly_crawls_ends_the_run_after_one_slow_step(monkeyp
     assert wall <= 90 + 20.0 + 0.3 + 0.3  # the slow step that was already running, its eval, and one before
     steady_wall, steady_steps, _ = simulate(monkeypatch, lambda t: 0.5)
     assert steps < steady_steps
+
+
+def test_ranks_that_agree_on_the_total_agree_on_the_decay(monkeypatch):
+    """Rank 0 also saves and plots, so its evals take longer and its own plan is shorter: the decay must start
+    from the total all ranks agreed on (their smallest), or their learning rates would differ."""
+    clock = [0.0]
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: clock[0])
+    ranks = [TimeBudget(100.0, 100_000, 0.2, 10) for _ in range(2)]
+    step, total = 0, 100_000
+    while step < total:
+        clock[0] += 0.5
+        step += 1
+        for rank, cost in zip(ranks, (0.3, 0.05)):
+            if step % 10 == 0:
+                rank.eval_took(cost)
+        total = min(rank.plan(step, total, 0.5, first=step == 1) for rank in ranks)
+        for rank in ranks:
+            rank.settle(step, total)
+        assert ranks[0].decay_start == ranks[1].decay_start, step
+    assert ranks[0].decay_start is not None

@@ -479,7 +479,7 @@ def test_sample_refuses_a_project_file(tmp_path, monkeypatch, capsys):
     (tmp_path / "run.toml").write_text('[model]\nscale = "tiny"\n', encoding="utf-8")
     code, _, err = main_in_process(["sample", "run.toml"], capsys)
     assert code == 1
-    assert _error_lines(err) == [("error: 'run.toml' is a project file, not a checkpoint; give the ckpt.safetensors "
+    assert _error_lines(err) == [("error: 'run.toml' is text, not a checkpoint; give the ckpt.safetensors "
                                   "that `nanods train` wrote, or its run folder")]
 
 

@@ -384,3 +384,20 @@ def test_a_second_signal_aborts_at_once_and_the_last_pair_stays(corpus, tmp_path
     with pytest.raises(KeyboardInterrupt):
         train(project(corpus, tmp_path), RunOptions())
     assert read_header(tmp_path / "ckpt.safetensors")[1]["nanods.step"] == "4"  # the eval at step 4 saved it
+
+
+def test_resume_after_an_unfinished_overwrite_takes_the_run_set_aside(corpus, run):
+    """The saved run, not the project file, decides the model, even while an --overwrite left it aside."""
+    RunDir(run).set_aside("0123456789abcdef")  # killed before the new run saved
+    assert train(project(corpus, run, "model.n_layer=3", "train.steps=12"), resuming("train.steps=12")) == 0
+    assert json.loads(read_header(run / "ckpt.safetensors")[1]["nanods.config"])["n_layer"] == 2
+
+
+def test_resume_refuses_a_new_time_budget_and_sums_up_only_its_own_session(corpus, run, capsys):
+    with pytest.raises(NanodsError, match=r"train.time_budget: None -> '5m'"):
+        resume(corpus, run, "train.time_budget=\"5m\"")
+    capsys.readouterr()
+    assert resume(corpus, run, steps=10) == 0
+    assert "done: 10 steps, 256 tokens in" in " ".join(capsys.readouterr().err.split())  # 2 steps x 4 x 32
+    assert resume(corpus, run) == 0
+    assert "already at step 10 of 10: nothing to train" in " ".join(capsys.readouterr().err.split())

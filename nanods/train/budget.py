@@ -45,8 +45,10 @@ class TimeBudget:
         per_step = max(statistics.fmean(self.step_times), self.step_times[-1]) + self.eval_seconds / self.eval_every
         fits = step + int(max(0.0, self.seconds - self.elapsed) / per_step)
         planned = max(step, min(self.max_total, fits))  # `step`: no time left for another one, stop here
-        if self.decay_start is not None:
-            return min(planned, total)
-        if step >= planned - int(self.decay_frac * planned):
+        return planned if self.decay_start is None else min(planned, total)
+
+    def settle(self, step: int, total: int) -> None:
+        """Fix where the decay begins once `total` is agreed (by every rank): at the plan's last decay_frac,
+        or at once when the total left less than that."""
+        if self.decay_start is None and step >= total - int(self.decay_frac * total):
             self.decay_start = step  # the next step is the decay's first
-        return planned

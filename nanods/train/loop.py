@@ -42,7 +42,9 @@ from nanods.train.run_dir import RUN_FILES, RunDir
 from nanods.train.schedule import lr_factor
 
 # settings that must not change under --resume (everything that decides what a step computes)
-FROZEN_TRAIN = ("data", "extensions", "tokenizer", "batch_size", "micro_batch_size", "seq_len", "seed", "optimizer")
+# settings that must not change under --resume: what a step computes, and the budget whose plan the run keeps
+FROZEN_TRAIN = ("data", "extensions", "tokenizer", "batch_size", "micro_batch_size", "seq_len", "seed", "optimizer",
+                "time_budget")
 
 
 @dataclass
@@ -52,7 +54,6 @@ class RunOptions:
     resume: bool = False
     init_from: str | None = None
     overwrite: bool = False
-    steps_given: bool = False  # --steps was passed: on resume, re-plan the schedule's tail to it
     explicit: dict[str, dict[str, Any]] = field(default_factory=dict)  # what the command line set, by section
     scale: str | None = None  # --scale, when given
 
@@ -132,6 +133,7 @@ class Trainer:
                               "sharded back); resume with --set train.parallel=ddp, or start a new run from the "
                               f"weights: nanods train --init-from {quote(self._weights_arg())} --out NEW_DIR")
         self.run_id = resumed["run_id"] if resumed else uuid.uuid4().hex[:16]
+        source = resumed or (self._init_source() if run.init_from else None)  # refusals before the corpus is read
         if not resumed and s.data != "stdlib":  # a run resumes from any folder: its data path must not be relative
             s.data = str(Path(s.data).expanduser().resolve())
         with self.report.phase("reading the corpus") as done:
@@ -140,7 +142,6 @@ class Trainer:
                  f"({len(c.val):,} for validation)")
         for note in self.corpus.notes:
             self._note(note)
-        source = resumed or (self._init_source() if run.init_from else None)
         with self.world.main_first():  # rank 0 trains the tokenizer and fills the token cache
             if source is not None:
                 model_config, tokenizer = source["config"], source["tokenizer"]
@@ -173,7 +174,8 @@ class Trainer:
         self.net = wrap(self.model, self.world, s.parallel)  # what forward and backward go through
         self.optimizers = build_optimizers(self.model, s, self.device)
         self.report.print(describe_split(self.model, s))
-        self.report.print(escape(_describe_training(s)))
+        if not resumed:  # a resumed run says where it stands instead
+            self.report.print(escape(_describe_training(s)))
         self.step, self.total, self.elapsed, self.tokens_seen = 0, s.steps, 0.0, 0
         self.decay_start: int | None = None  # set by a time budget (and kept on resume)
         if resumed is not None:
@@ -182,6 +184,7 @@ class Trainer:
         self.flops_per_step = 3 * flops_per_token(self.model, s.seq_len) * s.batch_size * s.seq_len
         self.peak = matmul_peak(self.device, self.dtype)
         self.expert_counts: torch.Tensor | None = None
+        self.last_eval: tuple[float | None, float | None] = (None, None)  # (val loss, bits per byte)
         self.stopped = False  # by SIGINT/SIGTERM: no sample at the end, the user wants out
         self.last_good_step: int | None = resumed["step"] if resumed else None
         self.replacing = self.opts.overwrite and any(RUN_FILES.match(p.name) for p in out_dir.iterdir())
@@ -300,7 +303,7 @@ class Trainer:
             raise NanodsError(f"'{path}' is damaged: step {self.step} of {self.total} (decay from {decay_start}) does "
                               f"not pair with the weights' step {resumed['step']}")
         self.decay_start = decay_start
-        replan = self.opts.steps_given and self.settings.steps != self.total
+        replan = "steps" in self.opts.explicit.get("train", {}) and self.settings.steps != self.total
         if replan and self.settings.steps <= self.step:
             raise NanodsError(f"--steps {self.settings.steps} is not beyond the saved step {self.step}")
         optim_state.restore(self.optimizers, self.model, state, meta["optimizers"], path)
@@ -405,6 +408,7 @@ class Trainer:
         """Fit the total to the time left; every rank plans the same total (the smallest)."""
         planned = budget.plan(self.step, self.total, self.world.max(step_seconds, self.device), first)
         planned = int(self.world.min(planned, self.device))
+        budget.settle(self.step, planned)
         self.decay_start = budget.decay_start
         if not first and self.total == self.settings.steps and planned != self.total:  # the first plan
             self.report.print(f"time budget {self.settings.time_budget}: about {planned} steps at "
@@ -425,7 +429,7 @@ class Trainer:
         budget = TimeBudget(s.budget_seconds, s.steps, s.decay_frac, s.eval_every) \
             if s.time_budget is not None and not self.opts.resume else None
         self.report.begin(self.step, self.total, budget.seconds if budget else None)
-        start, first_step = time.perf_counter(), self.step + 1
+        start, first_step, tokens_before = time.perf_counter(), self.step + 1, self.tokens_seen
         with StopFlag() as stop:
             while self.step < self.total:
                 t0 = time.perf_counter()
@@ -458,16 +462,19 @@ class Trainer:
         if self.last_good_step != self.step:
             self.save()
         self.report.close()
-        self._summary(time.perf_counter() - start)
+        if self.step == first_step - 1:
+            self.report.print(f"already at step {self.step} of {self.total}: nothing to train "
+                              "(--resume --steps N continues to a new total)")
+        else:
+            self._summary(time.perf_counter() - start, self.tokens_seen - tokens_before)
         return 0
 
-    def _summary(self, wall: float) -> None:
-        """The run in one line, also the last row of metrics.jsonl."""
-        peak = peak_memory(self.device)
-        val_loss, val_bpb = getattr(self, "last_eval", (None, None))
-        self.report.summary({"step": self.step, "summary": True, "wall": round(wall, 3), "tokens": self.tokens_seen,
-                             "tok_per_s": self.tokens_seen / max(wall, 1e-9), "val_loss": val_loss,
-                             "val_bpb": val_bpb, "peak_memory_bytes": peak},
+    def _summary(self, wall: float, tokens: int) -> None:
+        """This session in one line (tokens and time since it started), also the last row of metrics.jsonl."""
+        val_loss, val_bpb = self.last_eval
+        self.report.summary({"step": self.step, "summary": True, "wall": round(wall, 3), "tokens": tokens,
+                             "tok_per_s": tokens / max(wall, 1e-9), "val_loss": val_loss, "val_bpb": val_bpb,
+                             "peak_memory_bytes": peak_memory(self.device)},
                             self._weights_arg())
 
     def sample(self) -> str:

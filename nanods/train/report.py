@@ -49,8 +49,9 @@ class TrainReport:
             return
         steps = f"{row['step']}/{'~' if self.budget else ''}{total}"  # ~: a budget's total is an estimate
         if self.bar is not None:
-            done = min(row["wall"], self.budget) if self.budget else row["step"]
-            self.bar.update(self.task, completed=done, total=self.budget or total, steps=steps,
+            # with a budget the bar fills with time, or with steps when the step count ends the run first
+            done = max(row["wall"], self.budget * row["step"] / total) if self.budget else row["step"]
+            self.bar.update(self.task, completed=min(done, self.budget or total), total=self.budget or total, steps=steps,
                             loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tps=f"{row['tok_per_s']:,.0f}",
                             mfu=f"{100 * row['mfu']:.1f}%")
         elif row["step"] % self.log_every == 0 or row["step"] in (1, total):

@@ -15,12 +15,15 @@ from nanods import checkpoint
 from nanods.config import NanoDeepSeekConfig, Project, TrainSettings, check_fields, preset
 from nanods.errors import NanodsError
 from nanods.safetensors_header import read_header
+from nanods.train.run_dir import ASIDE
 
 
 def resumed_project(project: Project, explicit: dict[str, dict[str, Any]], scale: str | None) -> Project:
     """`project` with its model and train settings replaced by the saved run's, plus the explicit
     command-line values. A folder without a saved pair is left to the trainer to report."""
     out = Path(project.train.out)
+    if not (out / checkpoint.WEIGHTS).is_file() and (out / ASIDE / checkpoint.WEIGHTS).is_file():
+        out = out / ASIDE  # an --overwrite that never saved: the trainer will put this run back first
     weights = out / checkpoint.WEIGHTS
     if not weights.is_file():
         return project
@@ -33,7 +36,7 @@ def resumed_project(project: Project, explicit: dict[str, dict[str, Any]], scale
     if not isinstance(settings, dict):
         raise NanodsError(f"'{state_file}' is damaged: its nanods.train metadata lacks the run's settings")
     train = check_fields(settings, f"the settings saved in {state_file}", TrainSettings)
-    train.update(explicit.get("train", {}), out=project.train.out)  # the folder it was found in
+    train.update(explicit.get("train", {}), out=project.train.out)  # where it is resumed
     if explicit.get("train", {}).get("data", "stdlib") != "stdlib":  # compared with the absolute path it saved
         train["data"] = str(Path(train["data"]).expanduser().resolve())
     given = dict(explicit.get("model", {}))

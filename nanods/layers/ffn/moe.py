@@ -43,6 +43,7 @@ class MoE(KeepsFloat32):
         hidden = config.n_shared_experts * config.moe_hidden  # n shared experts == one MLP n times as wide
         self.shared = MLP(config.n_embd, hidden, config.activation) if config.n_shared_experts else None
         self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts), persistent=False)
+        self.values_checked = False  # index range and distinctness cost a host sync: checked on the first call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
@@ -67,22 +68,24 @@ class MoE(KeepsFloat32):
         with torch.autocast(x.device.type, enabled=False):
             out = self.router(routed)
         self._check(out, (*x.shape[:2], self.config.top_k), routed.dtype)
-        return out[0], out[1], out[2] if len(out) == 3 else None
+        return out[0], out[1], out[2] if len(out) == 3 else None  # a third element of None: no aux loss
 
     def _check(self, out: object, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        """The router's output against the contract: shapes and dtypes (free), then, in eager runs,
-        index range and distinctness (one host sync)."""
-        if not isinstance(out, tuple) or len(out) not in (2, 3) or not all(isinstance(t, torch.Tensor) for t in out):
+        """The router's output against the contract: shapes and dtypes (free, every call), then index range
+        and distinctness (one host sync, on the first eager call; later out-of-range ids show in _count)."""
+        if not isinstance(out, tuple) or len(out) not in (2, 3) or not all(isinstance(t, torch.Tensor) for t in out[:2]) \
+                or not (len(out) == 2 or out[2] is None or isinstance(out[2], torch.Tensor)):
             self._broken("it must return tensors (weights, indices) or (weights, indices, aux_loss)")
         weights, indices = out[0], out[1]
         if weights.shape != shape or weights.dtype != dtype:
             self._broken(f"weights must be {dtype} {shape}, got {weights.dtype} {tuple(weights.shape)}")
         if indices.shape != shape or indices.dtype != torch.int64:
             self._broken(f"indices must be torch.int64 {shape}, got {indices.dtype} {tuple(indices.shape)}")
-        if len(out) == 3 and out[2].dim() != 0:
+        if len(out) == 3 and out[2] is not None and out[2].dim() != 0:
             self._broken(f"aux_loss must be a scalar, got shape {tuple(out[2].shape)}")
-        if torch.compiler.is_compiling():  # a value-dependent branch would break the graph
+        if self.values_checked or torch.compiler.is_compiling():  # a value-dependent branch would break the graph
             return
+        self.values_checked = True
         E = self.config.num_experts
         repeated = (indices.sort(-1).values.diff(dim=-1) == 0).any()
         low, high, twice = torch.stack([indices.min(), indices.max(), repeated.long()]).tolist()
@@ -96,7 +99,10 @@ class MoE(KeepsFloat32):
         E, flat = self.config.num_experts, indices.flatten()
         if torch.compiler.is_compiling():  # bincount's output size depends on the values: a graph cannot have it
             return torch.zeros(E, dtype=flat.dtype, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
-        return torch.bincount(flat, minlength=E)
+        counts = torch.bincount(flat, minlength=E)
+        if counts.numel() != E:  # an id past the last expert (the first call checked the router more closely)
+            self._broken(f"indices must be in [0, {E}), got up to {counts.numel() - 1}")
+        return counts
 
     def _broken(self, problem: str) -> NoReturn:
         c = registry.find("router", self.config.router)
