@@ -34,7 +34,7 @@ def short_name(component: str) -> str:
 class NanoDeepSeekConfig:
     """Every architectural choice of a NanoDeepSeek model. `None` fields derive from others."""
 
-    # seed fields (names and defaults kept)
+    # the original fields (names and defaults are public API)
     sequence_len: int = 1024
     vocab_size: int = 50304
     n_layer: int = 12
@@ -52,7 +52,7 @@ class NanoDeepSeekConfig:
     ffn_options: dict[str, Any] = field(default_factory=dict)
     router_options: dict[str, Any] = field(default_factory=dict)
     # shared details
-    norm_weights: bool = False  # learnable RMSNorm weights (DeepSeek has them; the seed did not)
+    norm_weights: bool = False  # learnable RMSNorm weights (DeepSeek has them; the default is parameter-free)
     norm_eps: float = 1e-6
     qk_norm: bool = True  # per-head QK RMSNorm in MHA (MLA normalises its latents instead)
     activation: str = "relu2"  # "relu2" | "swiglu"
@@ -78,7 +78,7 @@ class NanoDeepSeekConfig:
     # multi-token prediction (its own issue)
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.3
-    # constructor-only switches of the seed API
+    # constructor-only switches of the original API
     use_mla: InitVar[bool | None] = None
     use_moe: InitVar[bool | None] = None
 
@@ -247,7 +247,7 @@ def _resolve_switch(name: str, value: str | None, switch: str, flag: bool | None
     return off if flag is not None and not flag else on
 
 
-# Scale presets: the seed's small/base/large, plus tiny for tests and demos.
+# Scale presets: small/base/large, plus tiny for tests and demos.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, num_experts=4, top_k=2,
                  vocab_size=1024, sequence_len=256),
@@ -504,7 +504,7 @@ def resolve_project(
     sets: list[str] | None = None,
     where: str = "nanods.toml",
 ) -> Project:
-    """Apply DESIGN's resolution order and validate every key and component name."""
+    """Resolve defaults -> preset -> nanods.toml -> command-line options -> --set; validate every key and component."""
     toml = toml or {}
     if cli or sets:  # values are merged before they are checked: name every place they may come from
         where = f"{where} or the command line"

@@ -1,4 +1,4 @@
-"""RMSNorm: parameter-free by default (the seed), learnable weights with norm_weights (DeepSeek)."""
+"""RMSNorm: parameter-free by default, learnable weights with norm_weights (as DeepSeek has)."""
 
 from __future__ import annotations
 

@@ -345,7 +345,7 @@ class Trainer:
                               "Try a lower train.lr or train.dtype = \"float32\"")
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
-        counts = update_expert_bias(self.model, self.world.all_reduce_sum)  # before the optimizer step (DESIGN)
+        counts = update_expert_bias(self.model, self.world.all_reduce_sum)  # before the optimizer step: bias from this step's load
         if counts is not None:
             self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
         for optimizer in self.optimizers:

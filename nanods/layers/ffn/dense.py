@@ -11,7 +11,7 @@ from nanods.layers.linear import Linear
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """relu2: relu(h)^2 (the seed's, as in nanochat); swiglu: silu(gate) * up on the two halves of h."""
+    """relu2: relu(h)^2 (the default, as in nanochat); swiglu: silu(gate) * up on the two halves of h."""
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
