@@ -94,11 +94,16 @@ def save(out_dir: str | Path, weights: NanoDeepSeek | dict[str, torch.Tensor], c
 
 def _holds(path: Path, step: int, run_id: str) -> bool:
     """Whether the weights file at path is the one of `run_id` at `step`."""
+    meta = saved_metadata(path)
+    return meta is not None and meta.get("nanods.step") == str(step) and metadata_run(meta) == run_id
+
+
+def saved_metadata(path: Path) -> dict[str, str] | None:
+    """The metadata of the file at path, or None when it is missing or not a readable safetensors file."""
     try:
-        meta = read_header(path)[1]
+        return read_header(path)[1]
     except NanodsError:
-        return False
-    return meta.get("nanods.step") == str(step) and metadata_run(meta) == run_id
+        return None
 
 
 _REQUIRED = object()
@@ -253,9 +258,10 @@ def latest_state(out_dir: Path, step: int, run_id: str) -> tuple[dict[str, torch
         raise NanodsError(f"'{path}' belongs to another run than '{out_dir / WEIGHTS}' (run "
                           f"{metadata_run(metadata) or 'unrecorded'}; the weights are run {run_id or 'unrecorded'}); "
                           "start a new run from the weights with --init-from instead")
-    if metadata_step(metadata, path) != step:
-        raise NanodsError(f"'{path}' holds step {metadata_step(metadata, path)}, but the weights beside it are step "
-                          f"{step}; start a new run from the weights with --init-from instead")
+    stored = metadata_step(metadata, path)
+    if stored != step:
+        raise NanodsError(f"'{path}' holds step {stored}, but the weights beside it are step {step}; start a new "
+                          "run from the weights with --init-from instead")
     meta = metadata_json(metadata, "nanods.train", path)
     if not isinstance(meta, dict):
         raise NanodsError(f"'{path}' is damaged: its nanods.train metadata is not a JSON object")

@@ -312,11 +312,10 @@ def _sample_settings(given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, s
     Returns the values and where each came from (None for a default). A bad command-line value is
     a usage error (exit 2); nanods.toml values are checked when the file is read (exit 1).
     """
-    from nanods.config import SAMPLE_RANGES, integers, read_toml, sample_defaults
+    from nanods.config import SAMPLE_RANGES, integers, sample_settings
 
     path = Path("nanods.toml")
-    defaults = sample_defaults(path)
-    table = read_toml(path).get("sample", {}) if path.is_file() else {}
+    defaults, in_file = sample_settings(path)
     ranges = {**SAMPLE_RANGES, **integers("num_samples", 1)}
     values: dict[str, Any] = {}
     sources: dict[str, str | None] = {}
@@ -324,7 +323,7 @@ def _sample_settings(given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, s
         option = "--" + name.replace("_", "-")
         if value is None:
             values[name] = getattr(defaults, name)
-            sources[name] = f"{name} in [sample] of {path}" if name in table else None
+            sources[name] = f"{name} in [sample] of {path}" if name in in_file else None
         elif value not in ranges[name]:
             raise typer.BadParameter(f"must be {ranges[name]}, got {value}", param_hint=f"'{option}'")
         else:

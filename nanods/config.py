@@ -360,7 +360,7 @@ class TrainSettings:
     def __post_init__(self) -> None:
         check_ranges(self, TRAIN_RANGES, "train.")
         micro = self.micro_batch_size or self.batch_size
-        if micro <= 0 or self.batch_size % micro:
+        if self.batch_size % micro:
             raise NanodsError(f"train.micro_batch_size ({micro}) must divide train.batch_size ({self.batch_size})")
         if self.optimizer not in ("adamw", "muon"):
             raise NanodsError(f"unknown train.optimizer '{self.optimizer}'{did_you_mean(self.optimizer, ['adamw', 'muon'])}; "
@@ -544,10 +544,11 @@ def resolve_project(
     return Project(model=model, train=train, sample=sample)
 
 
-def sample_defaults(path: str | Path = "nanods.toml") -> SampleSettings:
-    """[sample] of a project file when it exists (only that table is read), else the defaults."""
+def sample_settings(path: str | Path = "nanods.toml") -> tuple[SampleSettings, set[str]]:
+    """[sample] of a project file when it exists (only that table is read), else the defaults; and the
+    names of the settings the file sets."""
     table = read_toml(path).get("sample", {}) if Path(path).is_file() else {}
-    return SampleSettings(**check_fields(table, f"[sample] of {path}", SampleSettings))
+    return SampleSettings(**check_fields(table, f"[sample] of {path}", SampleSettings)), set(table)
 
 
 def project_file(path: str | Path | None = None) -> Path | None:

@@ -269,6 +269,10 @@ def load_corpus(spec: str = "stdlib", extensions: tuple[str, ...] = (".py", ".tx
     return _text_file(spec, path)
 
 
+def _silent(message: str) -> None:
+    """The default `note`: callers that do not show notes drop them."""
+
+
 def cache_dir() -> Path:
     """Where tokenizers and token files are cached: $NANODS_CACHE, else ~/.cache/nanods."""
     path = Path(os.environ.get("NANODS_CACHE") or "~/.cache/nanods").expanduser()
@@ -277,7 +281,7 @@ def cache_dir() -> Path:
     return path
 
 
-def load_tokenizer(corpus: Corpus, kind: str, vocab_size: int, note: Callable[[str], None] | None = None) -> Tokenizer:
+def load_tokenizer(corpus: Corpus, kind: str, vocab_size: int, note: Callable[[str], None] = _silent) -> Tokenizer:
     """The byte tokenizer (vocab_size ignored), or a BPE of vocab_size trained on corpus.train, cached
     by corpus fingerprint so each corpus trains it once; a damaged cached file is retrained and
     reported through note."""
@@ -291,15 +295,10 @@ def load_tokenizer(corpus: Corpus, kind: str, vocab_size: int, note: Callable[[s
         try:
             return Tokenizer.from_json(path.read_text(encoding="utf-8"))
         except Exception as e:  # from_json's NanodsError, bad UTF-8, or the bare Exception `tokenizers` raises
-            _tell(note, f"the cached tokenizer '{path}' is damaged ({str(e).splitlines()[0]}); training it again")
+            note(f"the cached tokenizer '{path}' is damaged ({str(e).splitlines()[0]}); training it again")
     tokenizer = train_bpe(corpus.train, vocab_size)
     atomic_write(path, lambda f: f.write(tokenizer.to_json().encode()))
     return tokenizer
-
-
-def _tell(note: Callable[[str], None] | None, message: str) -> None:
-    if note is not None:
-        note(message)
 
 
 def _token_dtype(tokenizer: Tokenizer) -> type[np.unsignedinteger]:
@@ -348,7 +347,7 @@ def _open_tokens(path: Path, dtype: type[np.unsignedinteger]) -> np.ndarray:
 
 
 def _cached_tokens(path: Path, dtype: type[np.unsignedinteger], vocab: int,
-                   note: Callable[[str], None] | None) -> np.ndarray | None:
+                   note: Callable[[str], None]) -> np.ndarray | None:
     """The token file at path when it is usable (every id below vocab: an id past the embedding would index
     out of bounds); None when missing, and a damaged one is reported through note."""
     if not path.exists():
@@ -358,11 +357,11 @@ def _cached_tokens(path: Path, dtype: type[np.unsignedinteger], vocab: int,
     if tokens is not None and len(tokens) and int(tokens.max()) >= vocab:
         damage, tokens = f"id {int(tokens.max())} is outside the tokenizer's {vocab} ids", None
     if damage:
-        _tell(note, f"the token cache '{path}' is damaged ({damage}); rebuilding it")
+        note(f"the token cache '{path}' is damaged ({damage}); rebuilding it")
     return tokens
 
 
-def tokenize(corpus: Corpus, tokenizer: Tokenizer, note: Callable[[str], None] | None = None) -> TokenSplits:
+def tokenize(corpus: Corpus, tokenizer: Tokenizer, note: Callable[[str], None] = _silent) -> TokenSplits:
     """Both splits as read-only memmaps, built once and cached by corpus and tokenizer fingerprints; a
     damaged cache file is rebuilt and reported through note."""
     dtype = _token_dtype(tokenizer)

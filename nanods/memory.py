@@ -101,9 +101,6 @@ def training_memory(config: NanoDeepSeekConfig, batch_size: int, seq_len: int, d
                           batch_size * seq_len * per_token * value_bytes)
 
 
-
-
-
 def check_training_fits(config: NanoDeepSeekConfig, batch_size: int, seq_len: int, dtype: torch.dtype,
                         device: torch.device) -> None:
     """Raise NanodsError when training needs more memory than the device has (see training_memory).

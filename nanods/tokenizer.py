@@ -20,8 +20,6 @@ from nanods.errors import NanodsError
 
 EOT = "<|endoftext|>"
 N_BYTES = 256
-# Far above any useful vocabulary, and far below the sizes that make the `tokenizers` trainer abort the process.
-MAX_BPE_VOCAB = MAX_VOCAB_SIZE  # a model's vocabulary bound: no tokenizer needs more
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -127,8 +125,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     if vocab_size <= N_BYTES + 1:
         raise NanodsError(f"a BPE vocab_size must exceed {N_BYTES + 1} (256 bytes + {EOT}), got {vocab_size}; "
                           "use the 'byte' tokenizer for a pure byte vocabulary")
-    if vocab_size > MAX_BPE_VOCAB:
-        raise NanodsError(f"model.vocab_size ({vocab_size:,}) is above the BPE maximum of {MAX_BPE_VOCAB:,}; "
+    if vocab_size > MAX_VOCAB_SIZE:  # the `tokenizers` trainer aborts the whole process on far larger sizes
+        raise NanodsError(f"model.vocab_size ({vocab_size:,}) is above the BPE maximum of {MAX_VOCAB_SIZE:,}; "
                           "set a smaller model.vocab_size")
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

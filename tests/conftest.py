@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -69,3 +70,20 @@ def resuming(*sets):
 
     explicit = command_line_values(None, list(sets))
     return RunOptions(resume=True, explicit=explicit)
+
+
+def signal_after_step(monkeypatch, step, *signals):
+    """Send `signals` to this process as optimizer step `step` is reported (a Ctrl-C or a kill arriving
+    during training); returns what undoes it."""
+    from nanods.train import loop
+
+    original = loop.TrainReport.step
+
+    def report_then_signal(self, row, total):
+        original(self, row, total)
+        if row["step"] == step:
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(loop.TrainReport, "step", report_then_signal)
+    return lambda: monkeypatch.setattr(loop.TrainReport, "step", original)

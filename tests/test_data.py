@@ -10,7 +10,8 @@ import torch
 
 from nanods.data import TOKENS_HEADER, Batches, cache_dir, load_corpus, load_tokenizer, tokenize
 from nanods.errors import NanodsError
-from nanods.tokenizer import MAX_BPE_VOCAB, byte_tokenizer, train_bpe
+from nanods.config import MAX_VOCAB_SIZE
+from nanods.tokenizer import byte_tokenizer, train_bpe
 
 TEST_DIRS = {"test", "tests", "idle_test"}
 
@@ -361,7 +362,7 @@ def test_short_split_is_named():
 
 def test_bpe_vocab_size_is_bounded():
     start = time.perf_counter()
-    for size in (MAX_BPE_VOCAB + 1, 10**9):
+    for size in (MAX_VOCAB_SIZE + 1, 10**9):
         with pytest.raises(NanodsError, match=r"model.vocab_size \(.*\) is above the BPE maximum of 1,048,576"):
             train_bpe(["some text"], size)
     assert time.perf_counter() - start < 1  # refused before any training

@@ -12,14 +12,13 @@ import sys
 
 import pytest
 import torch
-from conftest import losses, project, resuming
+from conftest import losses, project, resuming, signal_after_step
 from safetensors.torch import load_file, save_file
 
 import nanods
 from nanods import atomic, checkpoint
 from nanods.errors import NanodsError
 from nanods.safetensors_header import read_header
-from nanods.train import loop
 from nanods.train.loop import RunOptions, train
 from nanods.train.run_dir import RunDir
 
@@ -322,14 +321,7 @@ def test_an_fsdp_state_resumed_without_fsdp_is_refused_with_the_command_that_wor
 
 
 def test_sigterm_stops_saves_and_exits_143(corpus, tmp_path, monkeypatch):
-    original_step = loop.TrainReport.step
-
-    def terminate_after_2(self, row, total):
-        original_step(self, row, total)
-        if row["step"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(loop.TrainReport, "step", terminate_after_2)
+    signal_after_step(monkeypatch, 2, signal.SIGTERM)
     assert train(project(corpus, tmp_path), RunOptions()) == 128 + signal.SIGTERM
     assert read_header(tmp_path / "ckpt.safetensors")[1]["nanods.step"] == "2"
 
@@ -372,15 +364,7 @@ def test_a_folder_with_files_of_a_run_that_never_saved_needs_overwrite(corpus, t
 
 
 def test_a_second_signal_aborts_at_once_and_the_last_pair_stays(corpus, tmp_path, monkeypatch):
-    original_step = loop.TrainReport.step
-
-    def terminate_twice_at_6(self, row, total):
-        original_step(self, row, total)
-        if row["step"] == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler that does not wait
-
-    monkeypatch.setattr(loop.TrainReport, "step", terminate_twice_at_6)
+    signal_after_step(monkeypatch, 6, signal.SIGTERM, signal.SIGTERM)  # a scheduler that does not wait
     with pytest.raises(KeyboardInterrupt):
         train(project(corpus, tmp_path), RunOptions())
     assert read_header(tmp_path / "ckpt.safetensors")[1]["nanods.step"] == "4"  # the eval at step 4 saved it

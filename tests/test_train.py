@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import losses, project, resuming
+from conftest import losses, project, resuming, signal_after_step
 import torch
 from safetensors.torch import load_file
 
@@ -19,23 +19,16 @@ from nanods import checkpoint
 from nanods.errors import NanodsError
 from nanods.model import NanoDeepSeek
 from nanods.safetensors_header import read_header
-from nanods.train import loop
 from nanods.train.loop import RunOptions, train
 from nanods.train.run_dir import RunDir
 
+
 def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monkeypatch):
     assert train(project(corpus, tmp_path / "a"), RunOptions()) == 0
-    original_step = loop.TrainReport.step
-
-    def interrupt_after_3(self, row, total):  # a Ctrl-C arriving during step 3
-        original_step(self, row, total)
-        if row["step"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(loop.TrainReport, "step", interrupt_after_3)
+    undo = signal_after_step(monkeypatch, 3, signal.SIGINT)  # a Ctrl-C arriving during step 3
     assert train(project(corpus, tmp_path / "b"), RunOptions()) == 128 + signal.SIGINT  # stopped, saved, exit 130
     assert read_header(tmp_path / "b" / "ckpt.safetensors")[1]["nanods.step"] == "3"
-    monkeypatch.setattr(loop.TrainReport, "step", original_step)
+    undo()
     assert train(project(corpus, tmp_path / "b"), RunOptions(resume=True)) == 0
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert list(a) == list(range(1, 9)) and a == b
@@ -155,16 +148,9 @@ def test_kill_9_at_random_moments_leaves_a_pair_that_resumes_exactly(corpus, tmp
 
 def test_resume_is_exact_with_muon_too(corpus, tmp_path, monkeypatch):
     assert train(project(corpus, tmp_path / "a", "train.optimizer=muon"), RunOptions()) == 0
-    original_step = loop.TrainReport.step
-
-    def interrupt_after_5(self, row, total):
-        original_step(self, row, total)
-        if row["step"] == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(loop.TrainReport, "step", interrupt_after_5)
+    undo = signal_after_step(monkeypatch, 5, signal.SIGINT)
     assert train(project(corpus, tmp_path / "b", "train.optimizer=muon"), RunOptions()) == 130
-    monkeypatch.setattr(loop.TrainReport, "step", original_step)
+    undo()
     train(project(corpus, tmp_path / "b", "train.optimizer=muon"), RunOptions(resume=True))
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 

@@ -13,9 +13,9 @@ import signal
 import sys
 import time
 import uuid
-from shlex import quote
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 import torch
@@ -32,16 +32,15 @@ from nanods.model import NanoDeepSeek
 from nanods.peak import matmul_peak
 from nanods.terminal import escape, format_bytes, printable
 from nanods.tokenizer import Tokenizer
-from nanods.train.distributed import full_state_dict, init_world, shutdown, wrap
 from nanods.train import optim_state
+from nanods.train.budget import TimeBudget
+from nanods.train.distributed import full_state_dict, init_world, shutdown, wrap
 from nanods.train.optim import build_optimizers, describe_split
 from nanods.train.report import TrainReport
 from nanods.train.resume import resumed_project
-from nanods.train.budget import TimeBudget
-from nanods.train.run_dir import RUN_FILES, RunDir
+from nanods.train.run_dir import RunDir
 from nanods.train.schedule import lr_factor
 
-# settings that must not change under --resume (everything that decides what a step computes)
 # settings that must not change under --resume: what a step computes, and the budget whose plan the run keeps
 FROZEN_TRAIN = ("data", "extensions", "tokenizer", "batch_size", "micro_batch_size", "seq_len", "seed", "optimizer",
                 "time_budget")
@@ -125,7 +124,7 @@ class Trainer:
             raise
 
     def _setup(self, project: Project, run: RunOptions) -> None:
-        s, out_dir = self.settings, self.out_dir
+        s = self.settings
         self._check_out_dir()
         resumed = self._resume_state() if run.resume else None
         if resumed and self.world.distributed and s.parallel == "fsdp":
@@ -187,7 +186,7 @@ class Trainer:
         self.last_eval: tuple[float | None, float | None] = (None, None)  # (val loss, bits per byte)
         self.stopped = False  # by SIGINT/SIGTERM: no sample at the end, the user wants out
         self.last_good_step: int | None = resumed["step"] if resumed else None
-        self.replacing = self.opts.overwrite and any(RUN_FILES.match(p.name) for p in out_dir.iterdir())
+        self.replacing = self.opts.overwrite and bool(self.run_dir.run_files())
         if self.replacing and self.world.is_main:  # only once everything checked out: a failed start changes nothing
             self.run_dir.set_aside(self.run_id)
 
@@ -228,7 +227,7 @@ class Trainer:
         if weights.exists() and not self.opts.resume and not self.opts.overwrite:
             raise NanodsError(f"'{weights}' already holds a run: continue it with --resume, "
                               f"start over with --overwrite, or pick another --out")
-        leftovers = sorted(p.name for p in self.out_dir.iterdir() if RUN_FILES.match(p.name))
+        leftovers = [p.name for p in self.run_dir.run_files()]
         if leftovers and not weights.exists() and not self.opts.overwrite:
             raise NanodsError(f"'{self.out_dir}' holds {', '.join(leftovers)} of a run that never saved a checkpoint; "
                               "start over with --overwrite, or pick another --out")
@@ -345,7 +344,8 @@ class Trainer:
                               "Try a lower train.lr or train.dtype = \"float32\"")
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
-        counts = update_expert_bias(self.model, self.world.all_reduce_sum)  # before the optimizer step: bias from this step's load
+        # before the optimizer step: the bias follows this step's load
+        counts = update_expert_bias(self.model, self.world.all_reduce_sum)
         if counts is not None:
             self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
         for optimizer in self.optimizers:
@@ -388,7 +388,8 @@ class Trainer:
         # FSDP shards optimizer state; its runs are saved without it (resume them with --init-from)
         state, opt_meta = optim_state.flatten([] if fsdp else self.optimizers)
         meta = {"step": self.step, "total": self.total, "decay_start": self.decay_start, "elapsed": self.elapsed,
-                "tokens_seen": self.tokens_seen, "settings": asdict(s), "optimizers": opt_meta, "data_fingerprint": self.corpus.fingerprint}
+                "tokens_seen": self.tokens_seen, "settings": asdict(s), "optimizers": opt_meta,
+                "data_fingerprint": self.corpus.fingerprint}
         data = {"corpus": self.corpus.name, "fingerprint": self.corpus.fingerprint, "split": self.corpus.split_rule,
                 "tokens_seen": self.tokens_seen}
         try:
@@ -406,8 +407,8 @@ class Trainer:
 
     def _replan(self, budget: TimeBudget, step_seconds: float, first: bool) -> None:
         """Fit the total to the time left; every rank plans the same total (the smallest)."""
-        planned = budget.plan(self.step, self.total, self.world.max(step_seconds, self.device), first)
-        planned = int(self.world.min(planned, self.device))
+        step_seconds = self.world.max(step_seconds, self.device)  # the slowest rank's, as the plan uses
+        planned = int(self.world.min(budget.plan(self.step, self.total, step_seconds, first), self.device))
         budget.settle(self.step, planned)
         self.decay_start = budget.decay_start
         if not first and self.total == self.settings.steps and planned != self.total:  # the first plan

@@ -133,19 +133,19 @@ class TrainReport:
         record, not the run: a full disk warns (once) and training goes on to its next save."""
         if not self.enabled:
             return
-        line = ("\n" if self._torn else "") + json.dumps(row) + "\n"  # first end a line a short write tore
+        line = (("\n" if self._torn else "") + json.dumps(row) + "\n").encode()  # first end a line a short write tore
         written = 0
         try:
             fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             try:
-                written = os.write(fd, line.encode())
+                written = os.write(fd, line)
             finally:
                 os.close(fd)
         except OSError as e:
             error = e.strerror or str(e)
         else:
-            error = None if written == len(line.encode()) else "a short write"
-        self._torn = 0 < written < len(line.encode())
+            error = None if written == len(line) else "a short write"
+        self._torn = 0 < written < len(line)
         if error and not self._write_failed:
             self.print(f"[yellow]warning:[/] could not append to {escape(self.metrics_path)} ({escape(error)}); "
                        "training goes on")

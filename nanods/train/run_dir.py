@@ -97,7 +97,7 @@ class RunDir:
     def release(self) -> None:
         """Drop the lock; a folder that never received a run loses the lock file (and itself, if made here)."""
         with contextlib.suppress(OSError):
-            if not any(RUN_FILES.match(p.name) for p in self.path.iterdir()):
+            if not self.run_files():
                 for made in self._created:
                     if made.name == LOCK:
                         made.unlink()
@@ -114,7 +114,7 @@ class RunDir:
         with self._failing("set aside the old run in"):
             aside.mkdir()
             atomic_write(aside / MARKER, json.dumps({"by_run": new_run, "moved": False}).encode())
-            for item in self._run_files():
+            for item in self.run_files():
                 os.replace(item, aside / item.name)
             atomic_write(aside / MARKER, json.dumps({"by_run": new_run, "moved": True}).encode())
 
@@ -132,8 +132,9 @@ class RunDir:
             if aside.is_dir():
                 marker = _read_json(aside / MARKER)
                 by_run = marker.get("by_run")
-                if (not by_run or _weights_run(self.path) != by_run) \
-                        and self._restore(aside, replaced_moved=marker.get("moved") is True):  # it never saved a pair
+                saved = checkpoint.saved_metadata(self.path / checkpoint.WEIGHTS) or {}
+                never_saved = not by_run or checkpoint.metadata_run(saved) != by_run  # the replacing run has no pair
+                if never_saved and self._restore(aside, replaced_moved=marker.get("moved") is True):
                     note(f"put back the run in '{self.path}' that an unfinished --overwrite had set aside")
                 shutil.rmtree(aside)
             self._remove_orphan_states()
@@ -142,14 +143,15 @@ class RunDir:
         """Move the old run back; returns how many files. Once every old file was moved, the run files
         here are the replacing run's and go first; before that, they are old files not yet moved."""
         if replaced_moved:
-            for item in self._run_files():
+            for item in self.run_files():
                 item.unlink()
         old = [item for item in aside.iterdir() if RUN_FILES.match(item.name)]
         for item in old:
             os.replace(item, self.path / item.name)
         return len(old)
 
-    def _run_files(self) -> list[Path]:
+    def run_files(self) -> list[Path]:
+        """The files of a run here (weights, states, metrics, plot), sorted by name."""
         return sorted(p for p in self.path.iterdir() if RUN_FILES.match(p.name))
 
     def _remove_orphan_states(self) -> None:
@@ -181,9 +183,3 @@ def _read_json(path: Path) -> dict:
         return {}
     return value if isinstance(value, dict) else {}
 
-
-def _weights_run(folder: Path) -> str | None:
-    try:
-        return checkpoint.metadata_run(read_header(folder / checkpoint.WEIGHTS)[1])
-    except NanodsError:
-        return None
