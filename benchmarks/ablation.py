@@ -114,7 +114,7 @@ def duration(text: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default="3m", type=duration,
-                        help="training time per variant, e.g. 90s (default 3m; the README's table: 8m, the budget of "
+                        help="training time per variant, e.g. 90s (default 3m; the table in docs/measurements.md: 8m, the budget of "
                              "nanods train --scale small)")
     parser.add_argument("--out", default="runs/ablation", type=Path,
                         help="folder for the four runs and ablation.png (default runs/ablation); a variant's earlier "

@@ -32,7 +32,7 @@ def compiled_decode_step(model: NanoDeepSeek) -> Callable[..., torch.Tensor]:
     """model's forward for one new token of one sequence, compiled by torch.compile into one graph.
 
     The cache length is a symbolic size, so one compilation serves every position; the routed
-    expert ids become values inside the graph (README "Measuring" has the figures). Batch 1
+    expert ids become values inside the graph (docs/measurements.md has the figures). Batch 1
     only: the loop kernel's sorted dispatch of several tokens needs per-expert counts on the host.
     A failed compilation raises one NanodsError line.
     """
