@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from nanods.atomic import atomic_write
-from nanods.config import parse_duration
+from nanods.project import parse_duration
 from nanods.errors import NanodsError
 
 VARIANTS = [("mha", "dense"), ("mha", "moe"), ("mla", "dense"), ("mla", "moe")]

@@ -10,20 +10,24 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from nanods.config import NanoDeepSeekConfig
+from nanods import fast_paths
 from nanods.errors import NanodsError
 from nanods.flops import count_parameters, flops_per_token
 from nanods.generate import compiled_decode_step
 from nanods.layers.ffn.dense import MLP
 from nanods.layers.ffn.experts import RoutedExperts, pick_kernel
 from nanods.layers.ffn.moe import MoE
-from nanods.layers.linear import linear
 from nanods.model import NanoDeepSeek
 from nanods.peak import matmul_peak, sync
+from nanods.terminal import escape, format_bytes
 from nanods.train.optim import fused_adamw
 
 
@@ -50,23 +54,24 @@ def read_bandwidth(nbytes: int, device: torch.device, repeats: int = 5) -> float
 
 @torch.no_grad()
 def matvec_bandwidth(model: NanoDeepSeek, device: torch.device, repeats: int = 5) -> float:
-    """Bytes/s at which one row times each weight matrix reads it, through the model's own `linear`.
+    """Bytes/s at which one row times each weight matrix reads it, through the model's own projections.
 
     Every nn.Linear weight and every routed expert (embedding excluded): a read rate, not a
     decode step (which skips unchosen experts and, absorbed, `wkv_b`), but the rate that
     bounds decoding at batch 1 on a CPU, next to the plain read bandwidth.
     """
-    matrices = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    matrices += [w[e] for m in model.modules() if isinstance(m, RoutedExperts) for w in (m.w_in, m.w_out)
-                 for e in range(w.size(0))]
-    rows = {n: torch.ones(1, n, device=device, dtype=model.lm_head.weight.dtype) for n in {w.size(1) for w in matrices}}
+    projections = [(m, m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    projections += [(lambda x, w=w[e], m=m: m.linear(x, w), w[e]) for m in model.modules()
+                    if isinstance(m, RoutedExperts) for w in (m.w_in, m.w_out) for e in range(w.size(0))]
+    dtype = model.lm_head.weight.dtype
+    rows = {n: torch.ones(1, n, device=device, dtype=dtype) for n in {w.size(1) for _, w in projections}}
 
     def read_all() -> None:
-        for w in matrices:
-            linear(rows[w.size(1)], w)
+        for project, w in projections:
+            project(rows[w.size(1)])
 
     t = timed(read_all, device, repeats)
-    return sum(w.numel() * w.element_size() for w in matrices) / t["min"]
+    return sum(w.numel() * w.element_size() for _, w in projections) / t["min"]
 
 
 def _rate(t: dict[str, float], work: float) -> dict[str, float]:
@@ -179,10 +184,11 @@ def bench_moe_vs_dense(config: NanoDeepSeekConfig, batch: int, seq: int, dtype: 
 
 def run(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, repeats: int = 5,
         train_batch: int = 8, train_seq: int = 256, prefill_seq: int = 512, new_tokens: int = 64,
-        short_prompt: int = 64, long_context: int = 1024, compile: bool = False,
+        short_prompt: int = 64, long_context: int = 1024, compile: bool = False, fast: bool = True,
         progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """All measurements for one config; decode runs in `dtype` (weights cast), training under autocast.
 
+    fast=False measures the plain model, without `nanods.fast_paths`.
     compile=True adds batch-1 decode rows through `compiled_decode_step` (path "compiled"). Decode
     rows take min(repeats, 3) runs each; a model whose context holds no longer prompt than the short
     rows' gets no long-context row.
@@ -195,48 +201,87 @@ def run(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, re
     decode_runs = min(repeats, 3)
     out: dict[str, Any] = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
                            "threads": torch.get_num_threads(), "repeats": repeats, "decode_runs": decode_runs,
+                           "fast_paths": fast,
                            "model": {"attention": config.attention, "ffn": config.ffn, "router": config.router}}
     progress("matmul peak")
     out["peak_flops"] = {name: matmul_peak(device, dt, seconds=1.0)
                          for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     torch.manual_seed(0)
     model = NanoDeepSeek(config).to(device)
-    params = count_parameters(model)
-    out["params_total"], out["params_active"] = params["total"], params["active"]
-    out["kv_cache_bytes_per_token"] = model.kv_cache_bytes_per_token(dtype)
-    progress("train step")
-    train = bench_train(model, train_batch, train_seq, dtype, device, repeats)
-    flops = 3 * flops_per_token(model, train_seq)
-    peak = out["peak_flops"]["bfloat16" if dtype == torch.bfloat16 else "float32"]
-    out["train"] = {"batch": train_batch, "seq": train_seq, "tokens_per_s": train,
-                    "mfu": train["median"] * flops / peak}
-    model.eval().to(dtype)
-    progress("prefill")
-    out["prefill"] = {"seq": prefill_seq, "tokens_per_s": bench_prefill(model, prefill_seq, dtype, device, repeats)}
-    bandwidth = read_bandwidth(int(sum(p.numel() for p in model.parameters()) * dtype.itemsize), device)
-    out["read_bandwidth_bytes_per_s"] = bandwidth
-    out["matvec_bandwidth_bytes_per_s"] = matvec_bandwidth(model, device)
-    decode = []
-    paths = ["absorbed", "naive"] if config.use_mla else ["cache"]
-    short = min(short_prompt, long_context - new_tokens)
-    compiled = compiled_decode_step(model) if compile else None  # compiles on its first call, in the warm-up
-    prompts = [(1, short), (8, short)] + ([(1, long_context - new_tokens)] if long_context - new_tokens > short else [])
-    for batch, prompt in prompts:
-        for path in paths + (["compiled"] if compile and batch == 1 else []):
-            progress(f"decode batch {batch}, context {prompt + new_tokens}, {path}")
-            for block in model.blocks:
-                if config.use_mla:
-                    block.attn.absorb = "never" if path == "naive" else "auto"
-            rate = bench_decode(model, batch, prompt, new_tokens, device, decode_runs,
-                                compiled if path == "compiled" else None)
-            roofline = bandwidth / decode_bytes_per_token(model, batch, prompt + new_tokens // 2, dtype)
-            decode.append({"batch": batch, "context": prompt + new_tokens, "path": path, "tokens_per_s": rate,
-                           "roofline_tokens_per_s": roofline, "roofline_fraction": rate["median"] / roofline})
-    for block in model.blocks:
-        if config.use_mla:
-            block.attn.absorb = "auto"
-    out["decode"] = decode
+    with fast_paths.enabled(model) if fast else nullcontext():
+        params = count_parameters(model)
+        out["params_total"], out["params_active"] = params["total"], params["active"]
+        out["kv_cache_bytes_per_token"] = model.kv_cache_bytes_per_token(dtype)
+        progress("train step")
+        train = bench_train(model, train_batch, train_seq, dtype, device, repeats)
+        flops = 3 * flops_per_token(model, train_seq)
+        peak = out["peak_flops"]["bfloat16" if dtype == torch.bfloat16 else "float32"]
+        out["train"] = {"batch": train_batch, "seq": train_seq, "tokens_per_s": train,
+                        "mfu": train["median"] * flops / peak}
+        model.eval().to(dtype)
+        progress("prefill")
+        out["prefill"] = {"seq": prefill_seq, "tokens_per_s": bench_prefill(model, prefill_seq, dtype, device, repeats)}
+        bandwidth = read_bandwidth(int(sum(p.numel() for p in model.parameters()) * dtype.itemsize), device)
+        out["read_bandwidth_bytes_per_s"] = bandwidth
+        out["matvec_bandwidth_bytes_per_s"] = matvec_bandwidth(model, device)
+        decode = []
+        paths = ["absorbed", "naive"] if config.use_mla else ["cache"]
+        short = min(short_prompt, long_context - new_tokens)
+        compiled = compiled_decode_step(model) if compile else None  # compiles on its first call, in the warm-up
+        prompts = [(1, short), (8, short)] + ([(1, long_context - new_tokens)] if long_context - new_tokens > short else [])
+        for batch, prompt in prompts:
+            for path in paths + (["compiled"] if compile and batch == 1 else []):
+                progress(f"decode batch {batch}, context {prompt + new_tokens}, {path}")
+                for block in model.blocks:
+                    if config.use_mla:
+                        block.attn.absorb = "never" if path == "naive" else "auto"
+                rate = bench_decode(model, batch, prompt, new_tokens, device, decode_runs,
+                                    compiled if path == "compiled" else None)
+                roofline = bandwidth / decode_bytes_per_token(model, batch, prompt + new_tokens // 2, dtype)
+                decode.append({"batch": batch, "context": prompt + new_tokens, "path": path, "tokens_per_s": rate,
+                               "roofline_tokens_per_s": roofline, "roofline_fraction": rate["median"] / roofline})
+        for block in model.blocks:
+            if config.use_mla:
+                block.attn.absorb = "auto"
+        out["decode"] = decode
     if config.use_moe:
         progress("MoE vs dense FFN")
         out["moe_vs_dense"] = bench_moe_vs_dense(config, train_batch, train_seq, dtype, device, repeats)
     return out
+
+
+def _spread(rate: dict[str, float]) -> str:
+    return f"{rate['median']:,.0f} ({rate['low']:,.0f}-{rate['high']:,.0f})"
+
+
+def print_result(r: dict[str, Any], console: Console) -> None:
+    """The tables `nanods bench` prints for a result of `run`."""
+    cfg = r["model"]
+    table = Table(title=f"nanods bench: {escape(r['scale'])} ({escape(cfg['attention'])} x {escape(cfg['ffn'])}), "
+                        f"{r['dtype']} on {r['device']} "
+                        f"({r['threads']} threads); medians (min-max) of {r['repeats']} runs, decode {r['decode_runs']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    peaks = r["peak_flops"]
+    table.add_row("matmul peak fp32 / bf16", f"{peaks['float32'] / 1e9:,.0f} / {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s",
+                  "x @ W^T, 1024^2")
+    table.add_row("read bandwidth", f"{r['read_bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s",
+                  "sum over a weight-sized buffer, fastest of 5")
+    table.add_row("batch-1 matmul read rate", f"{r['matvec_bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s",
+                  "one row x every weight matrix (what bounds batch-1 decode), fastest of 5")
+    t = r["train"]
+    table.add_row(f"train step {t['batch']}x{t['seq']} tok/s", _spread(t["tokens_per_s"]),
+                  f"MFU {100 * t['mfu']:.0f}% (optimizer included)")
+    table.add_row(f"prefill 1x{r['prefill']['seq']} tok/s", _spread(r["prefill"]["tokens_per_s"]), "")
+    for d in r["decode"]:
+        table.add_row(f"decode b{d['batch']} ctx {d['context']} {d['path']} tok/s", _spread(d["tokens_per_s"]),
+                      f"{100 * d['roofline_fraction']:.1f}% of roofline {d['roofline_tokens_per_s']:,.0f}")
+    if "moe_vs_dense" in r:
+        m = r["moe_vs_dense"]
+        table.add_row("MoE FFN fwd+bwd / active-dense twin", f"{m['ratio']:.2f}x",
+                      f"{m['moe_s'] * 1e3:.1f} ms vs {m['dense_s'] * 1e3:.1f} ms, median of {m['rounds']} "
+                      f"alternating rounds, kernel {m['kernel']}")
+    table.add_row("KV cache per token", format_bytes(r["kv_cache_bytes_per_token"]), "all layers")
+    table.add_row("parameters total / active", f"{r['params_total']:,} / {r['params_active']:,}", "")
+    console.print(table)

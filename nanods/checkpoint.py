@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 
-import nanods
 from nanods import registry
 from nanods.atomic import atomic_write
 from nanods.config import NanoDeepSeekConfig
@@ -44,7 +43,7 @@ def weights_metadata(config: NanoDeepSeekConfig, tokenizer: Tokenizer, step: int
     meta = {
         "nanods.config": config.to_json(),
         "nanods.tokenizer": tokenizer.to_json(),
-        "nanods.version": nanods.__version__,
+        "nanods.version": md.version("nanods"),  # as installed, like the components' provenance
         "nanods.format": FORMAT,
         "nanods.step": str(step),
         "nanods.components": json.dumps(registry.describe(config)),

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nanods import __version__
+from nanods.checks import SAMPLE_RANGES, integers
 from nanods.errors import NanodsError
 from nanods.terminal import escape, format_bytes, printable
 
@@ -120,7 +121,7 @@ def init(
     Its commented-out lines show the values the scale runs with (model size, steps, lr, budget...):
     uncomment one to change it.
     """
-    from nanods.config import resolve_project
+    from nanods.project import resolve_project
 
     project = resolve_project({}, scale=scale)  # an unknown scale fails here, before anything is written
     if path.exists() and not force:
@@ -185,7 +186,7 @@ def train(
       nanods train --resume --out runs/tiny --steps 80
     Ctrl-C (or SIGTERM) stops at the next step, saves, prints how to resume and exits 130 (143).
     """
-    from nanods.config import command_line_values, load_project
+    from nanods.project import command_line_values, load_project
     from nanods.train.loop import RunOptions
     from nanods.train.loop import train as run_training
 
@@ -200,19 +201,29 @@ def train(
 
 
 # ---------------------------------------------------------------------------------------------
+_SAMPLING_RANGES = {**SAMPLE_RANGES, **integers("num_samples", 1)}
+
+
+def _in_range(param: typer.CallbackParam, value: Any) -> Any:
+    """A sampling option outside its range is a usage error (exit 2), before anything is read."""
+    if value is not None and value not in _SAMPLING_RANGES[param.name]:
+        raise typer.BadParameter(f"must be {_SAMPLING_RANGES[param.name]}, got {value}")
+    return value
+
+
 @app.command(cls=_Command)
 def sample(
     ckpt: Annotated[Path, typer.Argument(help="A checkpoint written by nanods train, or its run folder "
                                          "(e.g. runs/tiny for runs/tiny/ckpt.safetensors).")],
     prompt: Annotated[Optional[str], typer.Option(help="Text to continue \\[default: stdin if piped, else a new document].")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Read the prompt from a file.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens to generate "
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", callback=_in_range, help="Tokens to generate "
                                                           "\\[default: 256, lowered to what fits the context].")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy \\[default: 0.8].")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens; 0 = off \\[default: 50].")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold, in (0, 1] \\[default: off].")] = None,
+    temperature: Annotated[Optional[float], typer.Option(callback=_in_range, help="0 = greedy \\[default: 0.8].")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", callback=_in_range, help="Sample among the k most likely tokens; 0 = off \\[default: 50].")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", callback=_in_range, help="Nucleus sampling threshold, in (0, 1] \\[default: off].")] = None,
     seed: Annotated[Optional[int], typer.Option(min=0, max=2**63 - 1, help="Same seed, same text.")] = None,
-    num_samples: Annotated[int, typer.Option("--num-samples", help="Samples, batched in one forward.")] = 1,
+    num_samples: Annotated[int, typer.Option("--num-samples", callback=_in_range, help="Samples, batched in one forward.")] = 1,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole prefix each step (for comparison).")] = False,
     speculative: Annotated[bool, typer.Option("--speculative", help="Self-speculative decoding with the MTP modules.")] = False,
     device: Annotated[str, typer.Option(help="auto (cuda, else mps, else cpu), cpu, cuda or mps.")] = "auto",
@@ -220,6 +231,8 @@ def sample(
                                           "faster tokens (pays off for long generations; one sample).")] = False,
     echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before its continuation, so stdout reads "
                                        "as one text (each sample starts with it).")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Decode with the plain model, without the CPU fast paths "
+                                        "\\[default: fast paths, unless fast_paths = false in \\[sample]].")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No timing line on stderr.")] = False,
 ) -> None:
     """Generate text from a checkpoint, streaming it to stdout (decode runs on the KV cache).
@@ -232,17 +245,14 @@ def sample(
     """
     import time
 
-    import torch
-
     from nanods.checkpoint import load
     from nanods.device import resolve_device
-    from nanods.generate import stream
+    from nanods.generate import fit_sampling, read_prompt, sample_texts, sampling_settings
     from nanods.inspect import file_kind
-    from nanods.tokenizer import StreamDecoder
 
-    settings, sources = _sample_settings(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                              top_p=top_p, num_samples=num_samples))
-    max_new_tokens, temperature, top_k, top_p, num_samples = settings.values()  # in the order given
+    settings, sources = sampling_settings(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                               top_p=top_p, num_samples=num_samples, fast_paths=False if plain else None))
+    max_new_tokens, temperature, top_k, top_p, num_samples, fast = settings.values()  # in the order given
     if prompt is not None and prompt_file is not None:
         raise NanodsError("give --prompt or --prompt-file, not both")
     if compile and (num_samples > 1 or no_cache):
@@ -254,20 +264,10 @@ def sample(
     model, tokenizer = load(ckpt, resolve_device(device))
     if speculative and model.config.mtp_depth < 1:
         raise NanodsError("--speculative needs a model trained with mtp_depth >= 1; this one has mtp_depth = 0")
-    prompt_text = _read_prompt(prompt, prompt_file)
+    prompt_text = read_prompt(prompt, prompt_file)
     ids = [tokenizer.eot_id] + tokenizer.encode(prompt_text)
-    limit = model.config.sequence_len
-    if len(ids) >= limit:
-        raise NanodsError(f"the prompt ({len(ids)} tokens, the start-of-text token included) fills the model's "
-                          f"{limit}-token context and leaves no room to generate; shorten the prompt")
-    if len(ids) + max_new_tokens > limit:
-        if sources["max_new_tokens"] is not None:
-            raise NanodsError(f"prompt ({len(ids)} token{'s' * (len(ids) > 1)}) + {sources['max_new_tokens']} "
-                              f"({max_new_tokens}) exceeds "
-                              f"the model's context of {limit} tokens; shorten the prompt or lower it")
-        err.print(f"note: --max-new-tokens {max_new_tokens} lowered to {limit - len(ids)} to fit the model's "
-                  f"{limit}-token context", highlight=False)
-        max_new_tokens = limit - len(ids)
+    max_new_tokens = fit_sampling(model, len(ids), num_samples, max_new_tokens, sources["max_new_tokens"],
+                                  note=lambda text: err.print(text, highlight=False))
     # a terminal obeys escape codes a model may have learned from its data; a pipe or file gets the text as generated
     tty = sys.stdout.isatty()
 
@@ -275,28 +275,22 @@ def sample(
         sys.stdout.write(printable(text) if tty else text)
         sys.stdout.flush()
 
-    _check_sampling_fits(model, num_samples, len(ids) + max_new_tokens)
-    idx = torch.tensor([ids] * num_samples, device=model.lm_head.weight.device)
-    decoders = [StreamDecoder(tokenizer) for _ in range(num_samples)]
     texts = [""] * num_samples
     prefix = prompt_text if echo else ""
     if num_samples == 1:  # streamed: the prompt now, each piece as it is decoded
         emit(prefix)
     start, produced = time.perf_counter(), 0
-    for token in stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eot_id, not no_cache,
-                        compile):
+    for pieces in sample_texts(model, tokenizer, ids, num_samples, max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed, use_cache=not no_cache, compile=compile,
+                               fast=fast):
         produced += 1
-        for i, t in enumerate(token.tolist()):
-            piece = "" if t == tokenizer.eot_id else decoders[i].push([t])
-            if num_samples == 1:
-                emit(piece)
-            else:
-                texts[i] += piece
+        if num_samples == 1:
+            emit(pieces[0])
+        else:
+            texts = [text + piece for text, piece in zip(texts, pieces)]
     seconds = time.perf_counter() - start
-    for i, decoder in enumerate(decoders):
-        texts[i] += decoder.flush()
     if num_samples == 1:
-        emit(texts[0] + "\n")
+        emit("\n")
     else:
         emit("\n".join(f"--- sample {i + 1} ---\n{prefix}{t}" for i, t in enumerate(texts)) + "\n")
     if not quiet:
@@ -304,78 +298,6 @@ def sample(
         err.print(f"{produced * num_samples} tokens in {seconds:.2f} s ({produced * num_samples / seconds:,.1f} tok/s, "
                   f"{'no cache' if no_cache else f'KV cache {format_bytes(cache)}'}"
                   f"{', compiling included' if compile else ''})", highlight=False)
-
-
-def _sample_settings(given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str | None]]:
-    """Each setting from the command line (None: not given), else [sample] of ./nanods.toml, else its default.
-
-    Returns the values and where each came from (None for a default). A bad command-line value is
-    a usage error (exit 2); nanods.toml values are checked when the file is read (exit 1).
-    """
-    from nanods.config import SAMPLE_RANGES, integers, sample_settings
-
-    path = Path("nanods.toml")
-    defaults, in_file = sample_settings(path)
-    ranges = {**SAMPLE_RANGES, **integers("num_samples", 1)}
-    values: dict[str, Any] = {}
-    sources: dict[str, str | None] = {}
-    for name, value in given.items():
-        option = "--" + name.replace("_", "-")
-        if value is None:
-            values[name] = getattr(defaults, name)
-            sources[name] = f"{name} in [sample] of {path}" if name in in_file else None
-        elif value not in ranges[name]:
-            raise typer.BadParameter(f"must be {ranges[name]}, got {value}", param_hint=f"'{option}'")
-        else:
-            values[name], sources[name] = value, option
-    return values, sources
-
-
-MAX_PROMPT_BYTES = 2**26  # 64 MiB: far beyond any context; a prompt from /dev/zero must not fill memory
-
-
-def _check_sampling_fits(model: Any, samples: int, length: int) -> None:
-    """Refuse a batch of samples whose KV cache and logits cannot fit, before allocating them."""
-    from nanods.device import device_memory
-
-    weight = model.lm_head.weight
-    need = samples * (length * model.kv_cache_bytes_per_token(weight.dtype) + 16 * model.config.vocab_size)
-    have = device_memory(weight.device)
-    if have and need > have // 2:
-        raise NanodsError(f"--num-samples {samples} needs about {format_bytes(need)} for the KV cache and logits, "
-                          f"more than half of this machine's {format_bytes(have)}; lower --num-samples")
-
-
-def _read_bounded(f: Any, source: str) -> bytes:
-    data = f.read(MAX_PROMPT_BYTES + 1)
-    if len(data) > MAX_PROMPT_BYTES:
-        raise NanodsError(f"{source} is longer than {format_bytes(MAX_PROMPT_BYTES)}, far beyond any model's "
-                          "context; give the part to continue")
-    return data
-
-
-def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
-    """The prompt text: --prompt or --prompt-file, else stdin when piped, else empty; it must be UTF-8."""
-    if prompt_file is not None:
-        if not prompt_file.exists():
-            raise NanodsError(f"prompt file '{prompt_file}' not found")
-        if not prompt_file.is_file():
-            raise NanodsError(f"prompt file '{prompt_file}' is not a regular file; give a text file")
-        source = f"prompt file '{prompt_file}'"
-        with prompt_file.open("rb") as f:
-            data = _read_bounded(f, source)
-    elif prompt is not None:  # the bytes of the command line, which Python keeps as surrogates when not UTF-8
-        data, source = prompt.encode("utf-8", "surrogateescape"), "--prompt"
-    elif not sys.stdin.isatty():
-        source = "the prompt on stdin"
-        data = _read_bounded(sys.stdin.buffer, source)
-    else:
-        return ""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise NanodsError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start}); convert it, "
-                          "e.g. with iconv -t UTF-8") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +315,8 @@ def bench(
                                                       "key, e.g. --set model.attention=mha.")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="Also decode through the torch.compile'd step (batch 1; "
                                           "compiling takes tens of seconds).")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Measure the plain model, without the CPU fast paths "
+                                        "(docs/performance.md).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
     """Measure train step, prefill and decode speed, MFU and the decode roofline on this machine.
@@ -401,7 +325,7 @@ def bench(
     So MFU, the fraction of the roofline, MoE vs dense and absorbed vs naive MLA are fair ratios.
     """
     from nanods import bench as benchmarks
-    from nanods.config import load_project, project_file
+    from nanods.project import load_project, project_file
     from nanods.device import resolve_device, resolve_dtype
 
     path = project_file(config)
@@ -409,59 +333,16 @@ def bench(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     with err.status("measuring") as status:
-        result = benchmarks.run(model, torch_device, torch_dtype, repeats, compile=compile,
+        result = benchmarks.run(model, torch_device, torch_dtype, repeats, compile=compile, fast=not plain,
                                 progress=lambda what: status.update(f"measuring {what}"))
     result["scale"] = " + ".join(filter(None, [scale, path and str(path)])) or "small"
     if as_json:
         _print_json(result)
         return
-    _print_bench(result)
-
-
-def _spread(rate: dict[str, float]) -> str:
-    return f"{rate['median']:,.0f} ({rate['low']:,.0f}-{rate['high']:,.0f})"
-
-
-def _print_bench(r: dict[str, Any]) -> None:
-    cfg = r["model"]
-    table = Table(title=f"nanods bench: {escape(r['scale'])} ({escape(cfg['attention'])} x {escape(cfg['ffn'])}), "
-                        f"{r['dtype']} on {r['device']} "
-                        f"({r['threads']} threads); medians (min-max) of {r['repeats']} runs, decode {r['decode_runs']}")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_column("note")
-    peaks = r["peak_flops"]
-    table.add_row("matmul peak fp32 / bf16", f"{peaks['float32'] / 1e9:,.0f} / {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s",
-                  "x @ W^T, 1024^2")
-    table.add_row("read bandwidth", f"{r['read_bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s",
-                  "sum over a weight-sized buffer, fastest of 5")
-    table.add_row("batch-1 matmul read rate", f"{r['matvec_bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s",
-                  "one row x every weight matrix (what bounds batch-1 decode), fastest of 5")
-    t = r["train"]
-    table.add_row(f"train step {t['batch']}x{t['seq']} tok/s", _spread(t["tokens_per_s"]),
-                  f"MFU {100 * t['mfu']:.0f}% (optimizer included)")
-    table.add_row(f"prefill 1x{r['prefill']['seq']} tok/s", _spread(r["prefill"]["tokens_per_s"]), "")
-    for d in r["decode"]:
-        table.add_row(f"decode b{d['batch']} ctx {d['context']} {d['path']} tok/s", _spread(d["tokens_per_s"]),
-                      f"{100 * d['roofline_fraction']:.1f}% of roofline {d['roofline_tokens_per_s']:,.0f}")
-    if "moe_vs_dense" in r:
-        m = r["moe_vs_dense"]
-        table.add_row("MoE FFN fwd+bwd / active-dense twin", f"{m['ratio']:.2f}x",
-                      f"{m['moe_s'] * 1e3:.1f} ms vs {m['dense_s'] * 1e3:.1f} ms, median of {m['rounds']} "
-                      f"alternating rounds, kernel {m['kernel']}")
-    table.add_row("KV cache per token", format_bytes(r["kv_cache_bytes_per_token"]), "all layers")
-    table.add_row("parameters total / active", f"{r['params_total']:,} / {r['params_active']:,}", "")
-    out.print(table)
+    benchmarks.print_result(result, out)
 
 
 # ---------------------------------------------------------------------------------------------
-def _fmt_count(n: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:.0f}"
-
-
 @app.command(cls=_Command)
 def inspect(
     target: Annotated[Optional[Path], typer.Argument(help="A checkpoint, a run folder holding ckpt.safetensors, or a "
@@ -484,9 +365,9 @@ def inspect(
       nanods inspect runs/tiny
       nanods inspect --scale large --seq-len 32768 --batch 8
     """
-    from nanods.config import load_project
+    from nanods.project import load_project
     from nanods.device import DTYPES
-    from nanods.inspect import checkpoint_report, file_kind, report
+    from nanods.inspect import checkpoint_report, file_kind, print_report, report
 
     if dtype not in DTYPES:
         raise NanodsError(f"--dtype must be one of {', '.join(DTYPES)} for inspect, got '{dtype}'")
@@ -502,45 +383,7 @@ def inspect(
     if as_json:
         _print_json(info)
         return
-    _print_inspect(info)
-
-
-def _print_inspect(info: dict[str, Any]) -> None:
-    cfg = {key: escape(value) for key, value in info["config"].items()}  # a checkpoint's metadata is data, not markup
-    title = (f"{cfg['attention']} x {cfg['ffn']}" + (f" ({cfg['router']} router)" if cfg["ffn"] == "moe" else "")
-             + f", {cfg['n_layer']} layers, d={cfg['n_embd']}, vocab {cfg['vocab_size']}")
-    table = Table(title=f"parameters: {title}")
-    for col in ("component", "total", "active per token"):
-        table.add_column(col, justify="right" if col != "component" else "left")
-    for name, g in info["params_by_component"].items():
-        table.add_row(escape(name), f"{g['total']:,}", f"{g['active']:,}")
-    table.add_row("[bold]all[/]", f"[bold]{info['params_total']:,}[/]", f"[bold]{info['params_active']:,}[/]")
-    out.print(table)
-    if "components" in info:
-        out.print("components: " + ", ".join(escape(f"{g} {c['name']} ({c['dist']} {c['version']})")
-                                             for g, c in info["components"].items()), highlight=False)
-    cost = Table(title=f"costs at seq_len={info['seq_len']}, batch={info['batch']}, {info['dtype']}")
-    cost.add_column("measure")
-    cost.add_column("value", justify="right")
-    per = info["kv_cache_bytes_per_token"]
-    cost.add_row("KV cache per token (all layers)", format_bytes(per))
-    cost.add_row("MHA-equivalent cache per token", f"{format_bytes(info['kv_cache_bytes_per_token_mha'])} "
-                 f"({info['kv_cache_bytes_per_token_mha'] / per:.1f}x)")
-    if "kv_cache_bytes_per_token_decompressed" in info:
-        d = info["kv_cache_bytes_per_token_decompressed"]
-        cost.add_row("MLA decompressed per token", f"{format_bytes(d)} ({d / per:.1f}x the latent)")
-    cost.add_row(f"KV cache for {info['batch']} x {info['seq_len']}", format_bytes(info["kv_cache_bytes"]))
-    cost.add_row("FLOPs per token, forward (train/prefill)", _fmt_count(info["flops_per_token"]))
-    cost.add_row("FLOPs per token, decode", _fmt_count(info["flops_per_token_decode"]))
-    out.print(cost)
-    if "expert_load" in info:
-        load = Table(title="expert load at save time (share of routed tokens)")
-        load.add_column("layer")
-        load.add_column("shares")
-        load.add_column("max/mean", justify="right")
-        for i, shares in enumerate(info["expert_load"]):
-            load.add_row(str(i), " ".join(f"{s:.2f}" for s in shares), f"{max(shares) * len(shares):.2f}")
-        out.print(load)
+    print_report(info, out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from nanods.checkpoint import WEIGHTS, config_from_metadata, metadata_json, metadata_step
 from nanods.config import NanoDeepSeekConfig
@@ -17,6 +19,7 @@ from nanods.flops import build_on_meta, count_parameters, flops_per_token
 from nanods.layers.attention.mha import MultiHeadAttention
 from nanods.memory import model_size
 from nanods.safetensors_header import read_header
+from nanods.terminal import escape, format_bytes
 
 
 def file_kind(target: str | Path) -> tuple[Literal["checkpoint", "project"], Path]:
@@ -119,3 +122,49 @@ def _is_expert_load(value: Any) -> bool:
 
 _OPTIONAL_METADATA = {"components": (_is_provenance, "an object of {name, dist, version} objects"),
                       "expert_load": (_is_expert_load, "a list of per-layer lists of expert shares")}
+
+
+def _fmt_count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def print_report(info: dict[str, Any], console: Console) -> None:
+    """The tables `nanods inspect` prints for a report or a checkpoint_report."""
+    cfg = {key: escape(value) for key, value in info["config"].items()}  # a checkpoint's metadata is data, not markup
+    title = (f"{cfg['attention']} x {cfg['ffn']}" + (f" ({cfg['router']} router)" if cfg["ffn"] == "moe" else "")
+             + f", {cfg['n_layer']} layers, d={cfg['n_embd']}, vocab {cfg['vocab_size']}")
+    table = Table(title=f"parameters: {title}")
+    for col in ("component", "total", "active per token"):
+        table.add_column(col, justify="right" if col != "component" else "left")
+    for name, g in info["params_by_component"].items():
+        table.add_row(escape(name), f"{g['total']:,}", f"{g['active']:,}")
+    table.add_row("[bold]all[/]", f"[bold]{info['params_total']:,}[/]", f"[bold]{info['params_active']:,}[/]")
+    console.print(table)
+    if "components" in info:
+        console.print("components: " + ", ".join(escape(f"{g} {c['name']} ({c['dist']} {c['version']})")
+                                                 for g, c in info["components"].items()), highlight=False)
+    cost = Table(title=f"costs at seq_len={info['seq_len']}, batch={info['batch']}, {info['dtype']}")
+    cost.add_column("measure")
+    cost.add_column("value", justify="right")
+    per = info["kv_cache_bytes_per_token"]
+    cost.add_row("KV cache per token (all layers)", format_bytes(per))
+    cost.add_row("MHA-equivalent cache per token", f"{format_bytes(info['kv_cache_bytes_per_token_mha'])} "
+                 f"({info['kv_cache_bytes_per_token_mha'] / per:.1f}x)")
+    if "kv_cache_bytes_per_token_decompressed" in info:
+        d = info["kv_cache_bytes_per_token_decompressed"]
+        cost.add_row("MLA decompressed per token", f"{format_bytes(d)} ({d / per:.1f}x the latent)")
+    cost.add_row(f"KV cache for {info['batch']} x {info['seq_len']}", format_bytes(info["kv_cache_bytes"]))
+    cost.add_row("FLOPs per token, forward (train/prefill)", _fmt_count(info["flops_per_token"]))
+    cost.add_row("FLOPs per token, decode", _fmt_count(info["flops_per_token_decode"]))
+    console.print(cost)
+    if "expert_load" in info:
+        load = Table(title="expert load at save time (share of routed tokens)")
+        load.add_column("layer")
+        load.add_column("shares")
+        load.add_column("max/mean", justify="right")
+        for i, shares in enumerate(info["expert_load"]):
+            load.add_row(str(i), " ".join(f"{s:.2f}" for s in shares), f"{max(shares) * len(shares):.2f}")
+        console.print(load)

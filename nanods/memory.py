@@ -10,7 +10,6 @@ from torch import nn
 from nanods.config import NanoDeepSeekConfig
 from nanods.device import device_memory
 from nanods.errors import NanodsError
-from nanods.layers.linear import Linear
 from nanods.layers.norm import RMSNorm
 from nanods.model import Block
 from nanods.terminal import format_bytes
@@ -50,7 +49,8 @@ def _parts(config: NanoDeepSeekConfig) -> list[tuple[nn.Module, int]]:
         blocks = [(Block(config, first), n) for first, n in ((0, dense), (dense, routed)) if n]
         return [(nn.Embedding(config.vocab_size, config.n_embd), 1), *blocks,
                 (RMSNorm(config.n_embd, config.norm_eps, config.norm_weights), 1),
-                (Linear(config.n_embd, config.vocab_size), 0 if config.tie_embeddings else 1)]  # tied: embed.weight
+                (nn.Linear(config.n_embd, config.vocab_size, bias=False),
+                 0 if config.tie_embeddings else 1)]  # tied: the head is embed.weight
 
 
 def model_size(config: NanoDeepSeekConfig) -> ModelSize:

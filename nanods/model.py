@@ -14,7 +14,6 @@ from torch import nn
 from nanods import registry
 from nanods.config import NanoDeepSeekConfig
 from nanods.layers.cross_entropy import linear_cross_entropy
-from nanods.layers.linear import Linear
 from nanods.layers.norm import RMSNorm
 
 
@@ -49,7 +48,7 @@ class NanoDeepSeek(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_weights)
-        self.lm_head = Linear(config.n_embd, config.vocab_size)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -57,10 +56,8 @@ class NanoDeepSeek(nn.Module):
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         """Linear and embedding weights ~ N(0, 0.02); other parameters keep their component's own init."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding)):  # no projection has a bias
             nn.init.normal_(module.weight, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     def hidden(self, idx: torch.Tensor, cache: list | None = None, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Final hidden states (B, T, C) before the last norm, and the summed auxiliary loss (or None)."""
@@ -106,9 +103,10 @@ class NanoDeepSeek(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_id: int | None = None,
-                 compile: bool = False) -> torch.Tensor:
+                 compile: bool = False, fast: bool = False) -> torch.Tensor:
         """Extend idx (B, T) by up to max_new_tokens with the KV cache -> (B, T + new); see nanods.generate."""
         from nanods.generate import stream
 
-        new = list(stream(self, idx, max_new_tokens, temperature, top_k, top_p, seed, eos_id, compile=compile))
+        new = list(stream(self, idx, max_new_tokens, temperature, top_k, top_p, seed, eos_id, compile=compile,
+                          fast=fast))
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from nanods.checks import check_fields
 from nanods.errors import NanodsError, did_you_mean
 
 if TYPE_CHECKING:
@@ -97,8 +98,6 @@ def build(group: str, name: str, config: NanoDeepSeekConfig, layer_idx: int) -> 
 
 def options(cls: type, values: dict[str, Any], where: str) -> Any:
     """A component's own options: its `Config` dataclass filled from `values` (unknown keys refused)."""
-    from nanods.config import check_fields
-
     schema = getattr(cls, "Config", None)
     if schema is None:
         if values:

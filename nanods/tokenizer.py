@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sized
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from nanods.config import MAX_VOCAB_SIZE
+from nanods.checks import MAX_VOCAB_SIZE
 from nanods.errors import NanodsError
 
 EOT = "<|endoftext|>"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanods import NanoDeepSeek, NanoDeepSeekConfig
-from nanods.config import command_line_values, resolve_project
+from nanods.project import command_line_values, resolve_project
 from nanods.testing import TINY
 
 SOURCE = Path(__file__).resolve().parent.parent / "nanods"

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from nanods.layers.attention import sdpa
-from nanods.layers.attention.sdpa import causal_attention, explicit_causal_attention
+from nanods.layers.attention.sdpa import causal_attention
 
 
 def reference(q, k, v, scale, past):
@@ -44,42 +43,3 @@ def test_decode_step_softmax_runs_in_float32_for_bfloat16():
     out = causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.25, 8)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference(q, k, v, 0.25, 8), atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.parametrize("heads,kv_heads,dk,dv", SHAPES)
-def test_explicit_path_matches_reference(float64, heads, kv_heads, dk, dv):
-    q = torch.randn(2, heads, 7, dk, requires_grad=True)
-    k = torch.randn(2, kv_heads, 7, dk, requires_grad=True)
-    v = torch.randn(2, kv_heads, 7, dv, requires_grad=True)
-    out = explicit_causal_attention(q, k, v, 0.3)
-    expected = reference(q, k, v, 0.3, 0)
-    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
-    grad = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
-
-
-@pytest.mark.parametrize("dtype,past,length,explicit", [
-    (torch.bfloat16, 0, 16, True), (torch.bfloat16, 0, 17, False),  # longer than EXPLICIT_MAX_LEN (16 here)
-    (torch.bfloat16, 3, 13, False), (torch.float32, 0, 16, False), (torch.float16, 0, 16, False)])
-def test_explicit_path_only_for_short_bfloat16_attention_from_scratch(monkeypatch, dtype, past, length, explicit):
-    monkeypatch.setattr(sdpa, "EXPLICIT_MAX_LEN", 16)
-    calls = []
-    monkeypatch.setattr(sdpa, "explicit_causal_attention",
-                        lambda *a: calls.append(a) or explicit_causal_attention(*a))
-    q = torch.randn(2, length - past, 4, 24).transpose(1, 2)  # (B, H, T, D) views, as the attentions pass them
-    k, v = torch.randn(2, length, 2, 24).transpose(1, 2), torch.randn(2, length, 2, 16).transpose(1, 2)
-    out = causal_attention(q.to(dtype), k.to(dtype), v.to(dtype), 0.25, past)
-    assert len(calls) == explicit and out.dtype == dtype and out.shape == (2, 4, length - past, 16)
-    torch.testing.assert_close(out.float(), reference(q, k, v, 0.25, past), atol=3e-2, rtol=3e-2)
-
-
-def test_explicit_path_bounded_by_score_memory(monkeypatch):
-    calls = []
-    monkeypatch.setattr(sdpa, "explicit_causal_attention", lambda *a: calls.append(a) or explicit_causal_attention(*a))
-    q, k = torch.randn(2, 4, 8, 16, dtype=torch.bfloat16), torch.randn(2, 4, 8, 16, dtype=torch.bfloat16)
-    monkeypatch.setattr(sdpa, "EXPLICIT_MAX_SCORES", 2 * 4 * 8 * 8)
-    causal_attention(q, k, k, 0.25, 0)
-    monkeypatch.setattr(sdpa, "EXPLICIT_MAX_SCORES", 2 * 4 * 8 * 8 - 1)
-    causal_attention(q, k, k, 0.25, 0)
-    assert len(calls) == 1

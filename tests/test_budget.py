@@ -2,7 +2,7 @@
 
 import pytest
 
-from nanods.config import resolve_project
+from nanods.project import resolve_project
 from nanods.train import budget as budget_module
 from nanods.train.budget import TimeBudget
 from nanods.train.schedule import lr_factor

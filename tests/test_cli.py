@@ -19,7 +19,8 @@ from conftest import build, main_in_process
 import nanods
 from nanods import checkpoint, registry
 from nanods.cli import app
-from nanods.config import PRESETS, load_project, resolve_project
+from nanods.config import PRESETS
+from nanods.project import load_project, resolve_project
 from nanods.errors import NanodsError
 from nanods.tokenizer import byte_tokenizer
 
@@ -403,6 +404,19 @@ def test_echo_prints_the_prompt_before_each_continuation(num_samples, sample_ckp
     assert out == ("abhi\n" if num_samples == 1 else "--- sample 1 ---\nabhi\n--- sample 2 ---\nabhi\n")
 
 
+@pytest.mark.parametrize("num_samples", [1, 2])
+@pytest.mark.parametrize("ending", ["end of text", "last token"])
+def test_a_character_cut_off_by_the_end_of_a_sample_is_shown_as_a_replacement(ending, num_samples, sample_ckpt,
+                                                                              monkeypatch, capsys):
+    ids = [*"aé".encode()][:-1] + ([byte_tokenizer().eot_id] if ending == "end of text" else [])
+    monkeypatch.setattr("nanods.generate.stream", _stream_of(ids))  # as stream does, it stops when all samples end
+    new_tokens = len(ids) + (5 if ending == "end of text" else 0)
+    code, out, err = main_in_process(["sample", sample_ckpt, "-q", "--max-new-tokens", str(new_tokens),
+                                      "--num-samples", str(num_samples)], capsys)
+    assert code == 0, err
+    assert out == ("a\ufffd\n" if num_samples == 1 else "--- sample 1 ---\na\ufffd\n--- sample 2 ---\na\ufffd\n")
+
+
 def test_sample_device_defaults_to_auto(sample_ckpt, monkeypatch, capsys):
     from nanods import device
 
@@ -566,7 +580,7 @@ def test_a_prompt_file_that_is_not_a_regular_file_is_named_as_such(sample_ckpt, 
 
 
 def test_a_prompt_on_stdin_is_read_bounded(sample_ckpt, monkeypatch, capsys):
-    monkeypatch.setattr("nanods.cli.MAX_PROMPT_BYTES", 100)
+    monkeypatch.setattr("nanods.generate.MAX_PROMPT_BYTES", 100)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"x" * 101)))
     code, out, err = main_in_process(["sample", sample_ckpt, "-q"], capsys)
     assert code == 1 and "the prompt on stdin is longer than 100 B" in err

@@ -7,14 +7,8 @@ import json
 import pytest
 
 from nanods import NanoDeepSeekConfig
-from nanods.config import (
-    PRESETS,
-    parse_duration,
-    parse_set,
-    preset,
-    read_toml,
-    resolve_project,
-)
+from nanods.config import PRESETS, preset
+from nanods.project import parse_duration, parse_set, read_toml, resolve_project
 from nanods.errors import NanodsError
 
 # ---------------------------------------------------------------------------------------------
@@ -443,7 +437,7 @@ def test_absurd_sizes_fail_at_once(key, value, bound):
 
 
 def test_the_largest_allowed_sizes_are_accepted():
-    from nanods.config import MAX_LAYERS, MAX_SEQUENCE_LEN, MAX_VOCAB_SIZE
+    from nanods.checks import MAX_LAYERS, MAX_SEQUENCE_LEN, MAX_VOCAB_SIZE
 
     c = NanoDeepSeekConfig(n_layer=MAX_LAYERS, vocab_size=MAX_VOCAB_SIZE, sequence_len=MAX_SEQUENCE_LEN)
     assert (c.n_layer, c.vocab_size, c.sequence_len) == (1024, 2**20, 2**20)

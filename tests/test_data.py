@@ -10,7 +10,7 @@ import torch
 
 from nanods.data import TOKENS_HEADER, Batches, cache_dir, load_corpus, load_tokenizer, tokenize
 from nanods.errors import NanodsError
-from nanods.config import MAX_VOCAB_SIZE
+from nanods.checks import MAX_VOCAB_SIZE
 from nanods.tokenizer import byte_tokenizer, train_bpe
 
 TEST_DIRS = {"test", "tests", "idle_test"}

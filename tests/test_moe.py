@@ -29,6 +29,17 @@ def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).view_as(x)
 
 
+def kernel_of(moe: MoE, kernel: str):
+    """moe's forward with its routed experts computed by `kernel`."""
+    def forward(x):
+        old, moe.experts.kernel = moe.experts.kernel, kernel
+        try:
+            return moe(x)
+        finally:
+            moe.experts.kernel = old
+    return forward
+
+
 def _grads(module, x, fn):
     module.zero_grad()
     x = x.detach().clone().requires_grad_(True)
@@ -40,11 +51,14 @@ def _grads(module, x, fn):
 
 @pytest.mark.parametrize("activation", ["relu2", "swiglu"])
 @pytest.mark.parametrize("router", ["sigmoid", "softmax"])
-def test_loop_kernel_matches_reference_float64(float64, activation, router):
-    moe = make_moe(activation=activation, router=router, ffn_options={"kernel": "loop"}).eval()
+@pytest.mark.parametrize("kernel,definition", [("reference", "token loop"), ("loop", "reference")])
+def test_kernel_matches_its_definition_float64(float64, activation, router, kernel, definition):
+    """The reference kernel equals a loop over tokens; the sorted loop equals the reference kernel."""
+    moe = make_moe(activation=activation, router=router, ffn_options={"kernel": kernel}).eval()
     x = torch.randn(2, 7, 64)
     out, gx, gp = _grads(moe, x, moe)
-    ref, rgx, rgp = _grads(moe, x, lambda x: reference_moe(moe, x))
+    expected = (lambda x: reference_moe(moe, x)) if definition == "token loop" else kernel_of(moe, "reference")
+    ref, rgx, rgp = _grads(moe, x, expected)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
     torch.testing.assert_close(gx, rgx, atol=1e-10, rtol=0)
     assert gp.keys() == rgp.keys()
@@ -56,7 +70,8 @@ def test_loop_kernel_matches_reference_float64(float64, activation, router):
 def test_one_token_decode_path_matches_reference(float64, activation, monkeypatch):
     moe = make_moe(activation=activation, ffn_options={"kernel": "loop"}).eval()
     x = torch.randn(1, 1, 64)
-    expected = reference_moe(moe, x)
+    with torch.no_grad():
+        expected = kernel_of(moe, "reference")(x)
 
     def no_sorting(*args, **kwargs):
         raise AssertionError("one token must not take the sorted dispatch")
@@ -79,14 +94,14 @@ def test_kernels_match_reference_float32(kernel):
     moe = make_moe(ffn_options={"kernel": kernel}).eval()
     x = torch.randn(3, 5, 64)
     out, gx, gp = _grads(moe, x, moe)
-    ref, rgx, rgp = _grads(moe, x, lambda x: reference_moe(moe, x))
+    ref, rgx, rgp = _grads(moe, x, kernel_of(moe, "reference"))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gx, rgx, rtol=1e-4, atol=1e-5)
     for name in rgp:
         torch.testing.assert_close(gp[name], rgp[name], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("kernel", ["reference", "loop", "grouped_mm"])
 def test_experts_without_tokens_still_get_zero_gradients(kernel):
     moe = make_moe(ffn_options={"kernel": kernel}).train()
     moe.router.expert_bias.copy_(torch.tensor([10.0, 10.0, -10.0, -10.0]))  # nobody picks experts 2 and 3
@@ -130,15 +145,6 @@ def test_counts_only_training_forwards_with_grad():
     assert moe.tokens_per_expert.sum() == 2 * 5 * moe.config.top_k
     update_expert_bias(moe)
     assert moe.tokens_per_expert.sum() == 0
-
-
-def test_counts_skip_activation_checkpoint_recompute():
-    from torch.utils.checkpoint import checkpoint
-
-    moe = make_moe().train()
-    x = torch.randn(2, 5, 64, requires_grad=True)
-    checkpoint(moe, x, use_reentrant=False).square().sum().backward()
-    assert moe.tokens_per_expert.sum() == 2 * 5 * moe.config.top_k
 
 
 def test_router_runs_in_float32_under_bf16_autocast():
@@ -204,14 +210,14 @@ def test_out_of_range_router_indices_are_named():
 
 def test_padded_expert_blocks_match_reference(float64, monkeypatch):
     """Blocks padded past each expert's rows (as bf16 on CPU gets them) change nothing, gradients included."""
-    from nanods.layers.ffn import experts
+    from nanods.layers.ffn import dispatch
 
-    monkeypatch.setattr(experts, "padded_rows", lambda n, x, dtype: n + 3 if n else 0)
+    monkeypatch.setattr(dispatch, "padded_rows", lambda n, x, dtype: n + 3 if n else 0)
     moe = make_moe(ffn_options={"kernel": "loop"}).eval()
     moe.router.expert_bias.copy_(torch.tensor([10.0, 0.0, -10.0, 0.0]))  # expert 2 gets no rows between padded blocks
     x = torch.randn(2, 7, 64)
     out, gx, gp = _grads(moe, x, moe)
-    ref, rgx, rgp = _grads(moe, x, lambda x: reference_moe(moe, x))
+    ref, rgx, rgp = _grads(moe, x, kernel_of(moe, "reference"))
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
     torch.testing.assert_close(gx, rgx, atol=1e-10, rtol=0)
     for name in gp:
@@ -219,7 +225,7 @@ def test_padded_expert_blocks_match_reference(float64, monkeypatch):
 
 
 def test_padded_rows_only_for_half_precision_on_cpu():
-    from nanods.layers.ffn.experts import ROW_MULTIPLE, padded_rows
+    from nanods.layers.ffn.dispatch import ROW_MULTIPLE, padded_rows
 
     x = torch.zeros(1)
     assert padded_rows(ROW_MULTIPLE + 1, x, torch.bfloat16) == 2 * ROW_MULTIPLE

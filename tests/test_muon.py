@@ -3,7 +3,7 @@
 import torch
 from conftest import build
 
-from nanods.config import TrainSettings
+from nanods.project import TrainSettings
 from nanods.train.muon import Muon, newton_schulz
 from nanods.train.optim import build_optimizers, split_parameters
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from nanods import checkpoint
-from nanods.config import NanoDeepSeekConfig, Project, TrainSettings, round_up
+from nanods import checkpoint, fast_paths
+from nanods.config import NanoDeepSeekConfig, round_up
 from nanods.data import Batches, Corpus, load_corpus, load_tokenizer, tokenize
 from nanods.device import peak_memory, resolve_device, resolve_dtype
 from nanods.errors import NanodsError
@@ -30,6 +30,7 @@ from nanods.layers.ffn.moe import update_expert_bias
 from nanods.memory import check_training_fits
 from nanods.model import NanoDeepSeek
 from nanods.peak import matmul_peak
+from nanods.project import Project, TrainSettings
 from nanods.terminal import escape, format_bytes, printable
 from nanods.tokenizer import Tokenizer
 from nanods.train import optim_state
@@ -419,7 +420,8 @@ class Trainer:
     def run(self) -> int:
         """Train to the planned total (or a stop request); the progress bar ends however this does."""
         try:
-            return self._loop()
+            with fast_paths.enabled(self.model) if self.settings.fast_paths else contextlib.nullcontext():
+                return self._loop()
         finally:
             self.report.close()
 
@@ -487,7 +489,7 @@ class Trainer:
         idx = torch.tensor([[self.tokenizer.eot_id]], device=model.lm_head.weight.device)
         p = self.sample_settings
         out = model.generate(idx, n, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=self.settings.seed,
-                             eos_id=self.tokenizer.eot_id)
+                             eos_id=self.tokenizer.eot_id, fast=self.settings.fast_paths)
         return self.tokenizer.decode([t for t in out[0, 1:].tolist() if t != self.tokenizer.eot_id])
 
 

@@ -1,6 +1,6 @@
 """Muon: momentum SGD whose update for each weight matrix is orthogonalised by Newton-Schulz.
 
-Stacked expert weights (E, in, out) are orthogonalised slice by slice in one batched call,
+Stacked expert weights (E, out, in) are orthogonalised slice by slice in one batched call,
 which torch.optim.Muon (2-D only) cannot do.
 """
 

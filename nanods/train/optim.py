@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanods.config import TrainSettings
+from nanods.project import TrainSettings
 from nanods.train.muon import Muon
 
 # parameters that stay on AdamW under Muon: embeddings, the output head and router gates

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from nanods import checkpoint
-from nanods.config import NanoDeepSeekConfig, Project, TrainSettings, check_fields, preset
+from nanods.checks import check_fields
+from nanods.config import NanoDeepSeekConfig, preset
 from nanods.errors import NanodsError
+from nanods.project import Project, TrainSettings
 from nanods.safetensors_header import read_header
 from nanods.train.run_dir import ASIDE
 
@@ -43,5 +45,5 @@ def resumed_project(project: Project, explicit: dict[str, dict[str, Any]], scale
     scale = scale or given.pop("scale", None)
     given.pop("scale", None)
     model = checkpoint.config_from_metadata(meta, weights).to_dict()
-    model.update(preset(scale) if scale else {}, **check_fields(given, "the command line"))
+    model.update(preset(scale) if scale else {}, **check_fields(given, "the command line", NanoDeepSeekConfig))
     return dataclasses.replace(project, model=NanoDeepSeekConfig(**model), train=TrainSettings(**train))

@@ -9,7 +9,7 @@ class LayerCache:
     """Named buffers that share one sequence dimension and one fill length.
 
     `append(**new)` writes the new positions after the current length and returns views of
-    everything cached so far; `truncate(n)` rolls back (e.g. after rejected speculative tokens).
+    everything cached so far.
     """
 
     def __init__(self, seq_dim: int, **buffers: torch.Tensor) -> None:
@@ -33,11 +33,6 @@ class LayerCache:
             views.append(buf.narrow(self.seq_dim, 0, end))
         self.length = end
         return tuple(views)
-
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
-        self.length = length
 
     def nbytes(self) -> int:
         """Bytes the buffers hold (the whole preallocation)."""

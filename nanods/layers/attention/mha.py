@@ -8,7 +8,6 @@ from torch import nn
 from nanods.config import NanoDeepSeekConfig
 from nanods.layers.attention.cache import LayerCache
 from nanods.layers.attention.sdpa import causal_attention
-from nanods.layers.linear import Linear
 from nanods.layers.norm import RMSNorm
 from nanods.layers.rope import apply_rope
 
@@ -16,13 +15,15 @@ from nanods.layers.rope import apply_rope
 class MultiHeadAttention(nn.Module):
     """Standard attention; caches full keys and values: 2 * n_kv_head * head_dim values per token."""
 
+    attend = staticmethod(causal_attention)  # the attention kernel (nanods.fast_paths may swap in a faster one)
+
     def __init__(self, config: NanoDeepSeekConfig, layer_idx: int) -> None:
         super().__init__()
         self.config = config
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.wq = Linear(config.n_embd, self.n_head * self.head_dim)
-        self.wkv = Linear(config.n_embd, 2 * self.n_kv_head * self.head_dim)
-        self.wo = Linear(self.n_head * self.head_dim, config.n_embd)
+        self.wq = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.wkv = nn.Linear(config.n_embd, 2 * self.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_weights) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_weights) if config.qk_norm else None
 
@@ -33,14 +34,14 @@ class MultiHeadAttention(nn.Module):
         k, v = self.wkv(x).view(B, T, 2, self.n_kv_head, self.head_dim).unbind(2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, pos, cfg.rope_theta, cfg.sequence_len)
-        k = apply_rope(k, pos, cfg.rope_theta, cfg.sequence_len)
+        q = apply_rope(q, pos, cfg.rope_theta)
+        k = apply_rope(k, pos, cfg.rope_theta)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         past = 0
         if cache is not None:
             past = cache.length
             k, v = cache.append(k=k, v=v)
-        y = causal_attention(q, k, v, self.head_dim ** -0.5, past)
+        y = self.attend(q, k, v, self.head_dim ** -0.5, past)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
     def init_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> LayerCache:

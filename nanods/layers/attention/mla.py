@@ -14,17 +14,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanods import registry
 from nanods.config import NanoDeepSeekConfig
 from nanods.errors import NanodsError
 from nanods.layers.attention.cache import LayerCache
 from nanods.layers.attention.sdpa import causal_attention
-from nanods.layers.linear import Linear
 from nanods.layers.norm import RMSNorm
 from nanods.layers.rope import apply_rope
 
 
 class MultiHeadLatentAttention(nn.Module):
+    attend = staticmethod(causal_attention)  # the attention kernel (nanods.fast_paths may swap in a faster one)
+
     @dataclass
     class Config:
         absorb: str = "auto"  # "auto": absorbed when new tokens follow a cached prefix; "always"; "never"
@@ -32,7 +32,7 @@ class MultiHeadLatentAttention(nn.Module):
     def __init__(self, config: NanoDeepSeekConfig, layer_idx: int) -> None:
         super().__init__()
         self.config = config
-        opts = registry.options(type(self), config.attention_options, "[model.attention_options]")
+        opts = self.Config(**config.attention_options)  # keys and types checked by the registry before building
         if opts.absorb not in ("auto", "always", "never"):
             raise NanodsError(f"attention_options.absorb must be auto, always or never, got '{opts.absorb}'")
         self.absorb = opts.absorb
@@ -41,15 +41,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         qk_dim = self.nope + self.rope
         if config.q_lora_rank:  # query compression: x -> c_q -> norm -> per-head queries
-            self.wq_a = Linear(C, config.q_lora_rank)
+            self.wq_a = nn.Linear(C, config.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(config.q_lora_rank, config.norm_eps, config.norm_weights)
-            self.wq_b = Linear(config.q_lora_rank, H * qk_dim)
+            self.wq_b = nn.Linear(config.q_lora_rank, H * qk_dim, bias=False)
         else:
-            self.wq = Linear(C, H * qk_dim)
-        self.wkv_a = Linear(C, self.rank + self.rope)  # -> [c_kv ; k_pe]
+            self.wq = nn.Linear(C, H * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(C, self.rank + self.rope, bias=False)  # -> [c_kv ; k_pe]
         self.kv_norm = RMSNorm(self.rank, config.norm_eps, config.norm_weights)  # MLA's QK-norm
-        self.wkv_b = Linear(self.rank, H * (self.nope + self.v_dim))  # [W_UK ; W_UV] per head
-        self.wo = Linear(H * self.v_dim, C)
+        self.wkv_b = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # [W_UK ; W_UV] per head
+        self.wo = nn.Linear(H * self.v_dim, C, bias=False)
         # the score scale of the decompressed head width, also on the absorbed path (not SDPA's default)
         self.softmax_scale = qk_dim ** -0.5
 
@@ -58,9 +58,9 @@ class MultiHeadLatentAttention(nn.Module):
         cfg = self.config
         q = self.wq_b(self.q_norm(self.wq_a(x))) if cfg.q_lora_rank else self.wq(x)
         q_nope, q_pe = q.view(B, T, self.n_head, -1).split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, pos, cfg.rope_theta, cfg.sequence_len)
+        q_pe = apply_rope(q_pe, pos, cfg.rope_theta)
         c_kv, k_pe = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
-        k_pe = apply_rope(k_pe.unsqueeze(2), pos, cfg.rope_theta, cfg.sequence_len).squeeze(2)
+        k_pe = apply_rope(k_pe.unsqueeze(2), pos, cfg.rope_theta).squeeze(2)
         latent = torch.cat([self.kv_norm(c_kv), k_pe], dim=-1)  # (B, T, rank + rope): all that is cached
         past = 0
         if cache is not None:
@@ -77,7 +77,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = self.wkv_b(c_kv).view(B, S, self.n_head, -1).split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, self.n_head, self.rope)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, past)
+        y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, past)
         return y.transpose(1, 2)  # (B, T, H, v_dim)
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, past: int) -> torch.Tensor:
@@ -88,7 +88,7 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_latent, q_pe.transpose(1, 2).to(q_latent.dtype)], dim=-1)  # (B, H, T, rank + rope)
         kv = latent.unsqueeze(1).to(q.dtype)  # one shared "head": keys [c_kv ; k_pe], values c_kv
         # values = keys = the cached rows, so SDPA sees one head width; the k_pe columns of the output are cut
-        o_latent = causal_attention(q, kv, kv, self.softmax_scale, past)[..., : self.rank]  # (B, H, T, rank)
+        o_latent = self.attend(q, kv, kv, self.softmax_scale, past)[..., : self.rank]  # (B, H, T, rank)
         return per_head(o_latent, w_uv.transpose(1, 2)).transpose(1, 2)  # (B, T, H, v_dim)
 
     def init_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> LayerCache:

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanods.config import NanoDeepSeekConfig
-from nanods.layers.linear import Linear
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -24,8 +23,8 @@ class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, activation: str) -> None:
         super().__init__()
         self.activation = activation
-        self.w_in = Linear(dim, hidden * (2 if activation == "swiglu" else 1))
-        self.w_out = Linear(hidden, dim)
+        self.w_in = nn.Linear(dim, hidden * (2 if activation == "swiglu" else 1), bias=False)
+        self.w_out = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_out(activate(self.w_in(x), self.activation))

@@ -1,50 +1,31 @@
-"""Routed experts as stacked 3-D weights, run on tokens sorted by expert (dropless, deterministic).
+"""Routed experts: E feed-forward networks, and the plain loop that defines what they compute.
 
-Each expert's matrices are laid out like nn.Linear's, (out, in): the layout CUDA's grouped matmul
-wants for its second operand, and the one `nanods.layers.linear` takes.
+`reference` is the definition: for each expert, pick the tokens routed to it, run the expert on
+them, add its output back weighted by the router. The other kernels (`nanods.layers.ffn.dispatch`)
+compute the same sum faster; the tests compare each of them against this one.
 """
 
 from __future__ import annotations
-
-import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanods.device import compute_dtype
+from nanods.layers.ffn import dispatch
 from nanods.layers.ffn.dense import activate
-from nanods.layers.linear import linear
 
-KERNELS = ("auto", "grouped_mm", "loop")
-ROW_MULTIPLE = 64
-
-
-def pick_kernel(kernel: str, x: torch.Tensor) -> str:
-    """`auto`: F.grouped_mm on CUDA GPUs with bf16 tensor cores (SM80+) in bf16; a per-expert loop elsewhere.
-
-    On CPU (torch 2.13) grouped_mm is no faster than the loop in float32 and has no float64 kernel.
-    """
-    if kernel != "auto":
-        return kernel
-    if x.is_cuda and compute_dtype(x) == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0):
-        return "grouped_mm"
-    return "loop"
-
-
-def padded_rows(n: int, x: torch.Tensor, dtype: torch.dtype) -> int:
-    """n rounded up to a multiple of ROW_MULTIPLE for bf16/fp16 matmuls on CPU, past ROW_MULTIPLE rows.
-
-    oneDNN, which runs those, builds a kernel for each new row count (about 2 ms each, 10x the
-    matmul), and each expert's row count changes every step; padded, a step reuses a few dozen.
-    """
-    if x.device.type != "cpu" or dtype.itemsize > 2 or n <= ROW_MULTIPLE:
-        return n
-    return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
+KERNELS = ("auto", "reference", "loop", "grouped_mm")
 
 
 class RoutedExperts(nn.Module):
-    """num_experts FFNs: w_in (E, H or 2H for swiglu, C), w_out (E, C, H). Every expert is in every graph."""
+    """num_experts FFNs as stacked weights w_in (E, H or 2H for swiglu, C), w_out (E, C, H).
+
+    Each expert's matrices are laid out like nn.Linear's, (out, in): F.linear takes them as they are,
+    and so does CUDA's grouped matmul as its second operand, transposed as a view.
+    """
+
+    linear = staticmethod(F.linear)  # every expert projection (nanods.fast_paths may swap in a faster one)
 
     def __init__(self, num_experts: int, dim: int, hidden: int, activation: str, kernel: str = "auto") -> None:
         super().__init__()
@@ -55,58 +36,36 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.w_in, std=0.02)
         nn.init.normal_(self.w_out, std=0.02)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (N, C); weights, indices (N, K); counts (E,) tokens per expert -> (N, C)."""
-        N, K = indices.shape
-        kernel = pick_kernel(self.kernel, x)
-        # decoding one sequence: no sorting (loop kernel only: .tolist() would add a host sync to grouped_mm's path)
-        if kernel == "loop" and N == 1 and not torch.is_grad_enabled():
-            return sum(weights[0, k].to(x.dtype) * self._expert(x, self.w_in[e], self.w_out[e])
-                       for k, e in enumerate(indices[0].tolist()))
-        dtype = compute_dtype(x)
-        # one row per (token, slot), not a gather by token id: its backward would scatter-add duplicates
-        pairs = x.to(dtype).unsqueeze(1).expand(N, K, x.size(-1)).reshape(N * K, -1)
-        order = indices.reshape(-1).argsort(stable=True)  # pairs grouped by expert
-        if kernel == "loop":
-            splits = counts.tolist()  # the loop's one host sync per layer
-            sizes = [padded_rows(n, x, dtype) for n in splits]
-            gather, scatter = _layout(order, counts, splits, sizes)
-            # each expert's whole FFN on its rows, then one cat of C-wide outputs (not of the wider hidden)
-            w_in, w_out = self.w_in.to(dtype).unbind(0), self.w_out.to(dtype).unbind(0)  # one cast, one grad each
-            blocks = pairs.index_select(0, gather).split(sizes)
-            ys = torch.cat([self._expert(rows, w_in[e], w_out[e]) for e, rows in enumerate(blocks) if sizes[e]])
-        else:
-            gather, scatter = _layout(order, counts)
-            ys = self._grouped(pairs.index_select(0, gather), counts)
-        # index_select, not indexing: its backward (index_add) is 2-4x faster on CPU than index_put
-        ys = ys.index_select(0, scatter).view(N, K, -1)  # back to (token, slot) order
-        return (weights.to(ys.dtype).unsqueeze(1) @ ys).squeeze(1)  # sum_k w_k y_k as one batched matmul
-
-    def _expert(self, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    def expert(self, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
         """One expert's FFN, given its two matrices, on rows x."""
-        return linear(activate(linear(x, w_in), self.activation), w_out)
+        return self.linear(activate(self.linear(x, w_in), self.activation), w_out)
 
-    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Every expert's FFN in two F.grouped_mm calls on rows sorted by expert, counts[e] rows each."""
-        dtype = compute_dtype(xs)
-        offsets = counts.cumsum(0).to(torch.int32)
-        h = F.grouped_mm(xs, self.w_in.to(dtype).transpose(-2, -1), offs=offsets)
-        return F.grouped_mm(activate(h, self.activation), self.w_out.to(dtype).transpose(-2, -1), offs=offsets)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (N, C); weights, indices (N, K); counts (E,) tokens per expert -> (N, C): sum_k w_k expert_{i_k}(x)."""
+        kernel = pick_kernel(self.kernel, x)
+        if kernel == "reference":
+            return self.reference(x, weights, indices)
+        if kernel == "grouped_mm":
+            return dispatch.grouped(self, x, weights, indices, counts)
+        return dispatch.sorted_loop(self, x, weights, indices, counts)
+
+    def reference(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The definition, one expert at a time."""
+        y = torch.zeros_like(x)
+        for e in indices.unique().tolist():
+            token, slot = torch.where(indices == e)  # the tokens that chose expert e, and in which of their k slots
+            out = self.expert(x[token], self.w_in[e], self.w_out[e])
+            y = y.index_add(0, token, (weights[token, slot].unsqueeze(-1) * out).to(y.dtype))
+        return y
 
 
-def _layout(order: torch.Tensor, counts: torch.Tensor, splits: list[int] | None = None,
-            sizes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each (token, slot) pair sits when expert e gets a block of sizes[e] >= splits[e] rows
-    (without sizes: exactly its splits[e] = counts[e] rows).
+def pick_kernel(kernel: str, x: torch.Tensor) -> str:
+    """`auto`: F.grouped_mm on CUDA GPUs with bf16 tensor cores (SM80+) in bf16; the sorted loop elsewhere.
 
-    Returns gather (sum(sizes),): the pair each block row reads (padding rows read pair 0, and their
-    outputs are dropped, so their gradient is zero), and scatter (N*K,): the block row of each pair.
+    On CPU (torch 2.13) grouped_mm is no faster than the loop in float32 and has no float64 kernel.
     """
-    pos = torch.arange(order.numel(), device=order.device)
-    if sizes != splits:
-        shift = [p - n for p, n in zip(itertools.accumulate(sizes, initial=0), itertools.accumulate(splits, initial=0))]
-        pos = pos + torch.tensor(shift[:-1], device=order.device).repeat_interleave(counts)
-        gather = torch.zeros(sum(sizes), dtype=order.dtype, device=order.device).index_copy_(0, pos, order)
-    else:
-        gather = order
-    return gather, torch.empty_like(order).index_copy_(0, order, pos)
+    if kernel != "auto":
+        return kernel
+    if x.is_cuda and compute_dtype(x) == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0):
+        return "grouped_mm"
+    return "loop"

@@ -22,7 +22,8 @@ class MoE(KeepsFloat32):
 
     Any router, a plugin's too, keeps its parameters and buffers float32 under
     `model.to(torch.bfloat16)` and is called by `route` in float32 with autocast off.
-    `tokens_per_expert` counts routed tokens of training forwards only; the trainer reads it
+    `tokens_per_expert` counts routed tokens of training forwards only (a forward recomputed by
+    activation checkpointing would count twice; nanods does not recompute); the trainer reads it
     through `update_expert_bias` before each optimizer step.
     """
 
@@ -34,7 +35,7 @@ class MoE(KeepsFloat32):
 
     def __init__(self, config: NanoDeepSeekConfig, layer_idx: int) -> None:
         super().__init__()
-        opts = registry.options(type(self), config.ffn_options, "[model.ffn_options]")
+        opts = self.Config(**config.ffn_options)  # keys and types checked by the registry before building
         if opts.kernel not in KERNELS:
             raise NanodsError(f"ffn_options.kernel must be one of {', '.join(KERNELS)}, got '{opts.kernel}'")
         self.config = config
@@ -49,8 +50,7 @@ class MoE(KeepsFloat32):
         B, T, C = x.shape
         weights, indices, aux = self.route(x)
         counts = self._count(indices)
-        # count only real training forwards: not eval, not no-grad generation, not a checkpoint recompute
-        if self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+        if self.training and torch.is_grad_enabled():  # training forwards only: not eval, not generation
             self.tokens_per_expert += counts
         y = self.experts(x.reshape(-1, C), weights.reshape(B * T, -1), indices.reshape(B * T, -1), counts).view(B, T, C)
         if self.shared is not None:
@@ -72,7 +72,7 @@ class MoE(KeepsFloat32):
 
     def _check(self, out: object, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """The router's output against the contract: shapes and dtypes (free, every call), then index range
-        and distinctness (one host sync, on the first eager call; later out-of-range ids show in _count)."""
+        and distinctness (one host sync, on the first call; later out-of-range ids show in _count)."""
         if not isinstance(out, tuple) or len(out) not in (2, 3) or not all(isinstance(t, torch.Tensor) for t in out[:2]) \
                 or not (len(out) == 2 or out[2] is None or isinstance(out[2], torch.Tensor)):
             self._broken("it must return tensors (weights, indices) or (weights, indices, aux_loss)")
@@ -83,9 +83,12 @@ class MoE(KeepsFloat32):
             self._broken(f"indices must be torch.int64 {shape}, got {indices.dtype} {tuple(indices.shape)}")
         if len(out) == 3 and out[2] is not None and out[2].dim() != 0:
             self._broken(f"aux_loss must be a scalar, got shape {tuple(out[2].shape)}")
-        if self.values_checked or torch.compiler.is_compiling():  # a value-dependent branch would break the graph
-            return
-        self.values_checked = True
+        if not self.values_checked:
+            self._check_values(indices)
+            self.values_checked = True
+
+    @torch.compiler.disable  # value-dependent: under torch.compile it runs eagerly, once
+    def _check_values(self, indices: torch.Tensor) -> None:
         E = self.config.num_experts
         repeated = (indices.sort(-1).values.diff(dim=-1) == 0).any()
         low, high, twice = torch.stack([indices.min(), indices.max(), repeated.long()]).tolist()
@@ -97,12 +100,10 @@ class MoE(KeepsFloat32):
     def _count(self, indices: torch.Tensor) -> torch.Tensor:
         """Rows routed to each expert (E,)."""
         E, flat = self.config.num_experts, indices.flatten()
-        if torch.compiler.is_compiling():  # bincount's output size depends on the values: a graph cannot have it
-            return torch.zeros(E, dtype=flat.dtype, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
-        counts = torch.bincount(flat, minlength=E)
-        if counts.numel() != E:  # an id past the last expert (the first call checked the router more closely)
-            self._broken(f"indices must be in [0, {E}), got up to {counts.numel() - 1}")
-        return counts
+        try:  # a fixed-size sum, not bincount (whose size depends on the values): a graph can hold it
+            return flat.new_zeros(E).index_add_(0, flat, torch.ones_like(flat))
+        except (IndexError, RuntimeError) as e:  # an id out of range after the first call's checks (CPU)
+            self._broken(f"indices must be in [0, {E}) ({e})")
 
     def _broken(self, problem: str) -> NoReturn:
         c = registry.find("router", self.config.router)
