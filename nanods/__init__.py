@@ -1,4 +1,4 @@
-"""nanods: a small, hackable, faithful DeepSeek-V3.2 (MLA, DeepSeekMoE, auxiliary-loss-free routing).
+"""nanods: a small, hackable, faithful DeepSeek-V3 (MLA, DeepSeekMoE, auxiliary-loss-free routing).
 
 The public names are imported lazily, so `nanods --help` does not pay for importing torch.
 """

@@ -48,7 +48,7 @@ class _Group(_PlainFlags, typer.core.TyperGroup):
 app = typer.Typer(
     cls=_Group,
     name="nanods",
-    help="nanoDeepSeek: train, sample, inspect and benchmark a small, faithful DeepSeek-V3.2 "
+    help="nanoDeepSeek: train, sample, inspect and benchmark a small, faithful DeepSeek-V3 "
          "(MLA, DeepSeekMoE, auxiliary-loss-free routing).\n\n"
          "Start with [bold]nanods train --scale tiny --steps 40[/bold], then "
          "[bold]nanods inspect runs/nanods/ckpt.safetensors[/bold].",
@@ -225,7 +225,6 @@ def sample(
     seed: Annotated[Optional[int], typer.Option(min=0, max=2**63 - 1, help="Same seed, same text.")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", callback=_in_range, help="Samples, batched in one forward.")] = 1,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole prefix each step (for comparison).")] = False,
-    speculative: Annotated[bool, typer.Option("--speculative", help="Self-speculative decoding with the MTP modules.")] = False,
     device: Annotated[str, typer.Option(help="auto (cuda, else mps, else cpu), cpu, cuda or mps.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step: tens of seconds first, then "
                                           "faster tokens (pays off for long generations; one sample).")] = False,
@@ -262,8 +261,6 @@ def sample(
         raise NanodsError(f"'{ckpt}' is text, not a checkpoint; give the ckpt.safetensors that "
                           "`nanods train` wrote, or its run folder")
     model, tokenizer = load(ckpt, resolve_device(device))
-    if speculative and model.config.mtp_depth < 1:
-        raise NanodsError("--speculative needs a model trained with mtp_depth >= 1; this one has mtp_depth = 0")
     prompt_text = read_prompt(prompt, prompt_file)
     ids = [tokenizer.eot_id] + tokenizer.encode(prompt_text)
     max_new_tokens = fit_sampling(model, len(ids), num_samples, max_new_tokens, sources["max_new_tokens"],

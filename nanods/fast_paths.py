@@ -55,20 +55,13 @@ RECORD_FILE = "fast-paths.json"
 @contextmanager
 def enabled(model: nn.Module) -> Iterator[None]:
     """Within the block, `model` runs the fast paths; on exit, its plain calls again."""
-    record = SplitRecord()
     swapped = []
     for module in model.modules():
-        if {"forward", "linear", "attend"} & vars(module).keys():  # swapped already by an enclosing block
+        swap = _fast_call(module)
+        if swap is None or swap[0] in vars(module):  # not ours to swap, or swapped by an enclosing block
             continue
-        if isinstance(module, nn.Linear) and module.bias is None:
-            module.forward = functools.partial(_project, record=record, module=module)
-            swapped.append((module, "forward"))
-        elif isinstance(module, RoutedExperts):
-            module.linear = functools.partial(project, record=record)
-            swapped.append((module, "linear"))
-        elif getattr(type(module), "attend", None) is causal_attention:  # an attention that attends through it
-            module.attend = attend
-            swapped.append((module, "attend"))
+        setattr(module, *swap)
+        swapped.append((module, swap[0]))
     try:
         yield
     finally:
@@ -76,12 +69,27 @@ def enabled(model: nn.Module) -> Iterator[None]:
             delattr(module, name)  # the class's plain one shows again
 
 
-def _project(x: torch.Tensor, record: SplitRecord, module: nn.Linear) -> torch.Tensor:
-    return project(x, module.weight, record)
+def _fast_call(module: nn.Module) -> tuple[str, Callable[..., torch.Tensor]] | None:
+    """The attribute `enabled` swaps on module and its fast replacement: the same object every time,
+    so that a graph torch.compile made in one block still holds in the next."""
+    if isinstance(module, nn.Linear) and module.bias is None:
+        if "_fast_forward" not in vars(module):
+            module._fast_forward = functools.partial(_project_module, module)
+        return "forward", module._fast_forward
+    if isinstance(module, RoutedExperts):
+        return "linear", project
+    if getattr(type(module), "attend", None) is causal_attention:  # an attention that attends through it
+        return "attend", attend
+    return None
 
 
-def project(x: torch.Tensor, weight: torch.Tensor, record: SplitRecord) -> torch.Tensor:
-    """F.linear(x, weight), split across threads where `record` says so, a reduction under torch.compile."""
+def _project_module(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return project(x, module.weight)
+
+
+def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight), split across threads where this machine's record says so, a reduction under
+    torch.compile."""
     rows = x.numel() // x.size(-1)
     if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS:
         return F.linear(x, weight)
@@ -89,7 +97,7 @@ def project(x: torch.Tensor, weight: torch.Tensor, record: SplitRecord) -> torch
         dtype = compute_dtype(x)
         return (x.to(dtype).unsqueeze(-2) * weight.to(dtype)).sum(-1) if rows == 1 else F.linear(x, weight)
     blocks = split_blocks(weight.size(0))
-    if blocks < 2 or not record.takes_split(*weight.shape, compute_dtype(x)):
+    if blocks < 2 or not RECORD.takes_split(*weight.shape, compute_dtype(x)):
         return F.linear(x, weight)
     return split(x, weight, blocks).view(*x.shape[:-1], weight.size(0))
 
@@ -134,22 +142,29 @@ def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class SplitRecord:
-    """This machine's recorded choices of the split: read once, timed and written for a shape not yet in it
-    (timed once per process: a process that changes NANODS_CACHE reuses its own timings)."""
-
-    timed: dict[str, bool] = {}  # this process's timings
+    """Whether to split each weight shape: decided once per process from this machine's record in the cache."""
 
     def __init__(self) -> None:
-        self.machine, self.choices = _machine(), _read_record()
+        self.decided: dict[tuple[int, int, torch.dtype, int], bool] = {}
 
     def takes_split(self, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
-        key = f"{self.machine} | {torch.get_num_threads()} threads | {out_features}x{in_features} {dtype}"
-        if key not in self.choices:
-            if key not in self.timed:
-                self.timed[key] = time_split(out_features, in_features, dtype, split_blocks(out_features))
-            self.choices[key] = self.timed[key]
-            _write_record(self.choices)
-        return self.choices[key]
+        key = (out_features, in_features, dtype, torch.get_num_threads())
+        if key not in self.decided:
+            self.decided[key] = recorded_choice(out_features, in_features, dtype)
+        return self.decided[key]
+
+
+RECORD = SplitRecord()  # this process's decisions
+
+
+def recorded_choice(out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+    """The split's choice for this shape from $NANODS_CACHE/fast-paths.json; timed and added when not there."""
+    key = f"{_machine()} | {torch.get_num_threads()} threads | {out_features}x{in_features} {dtype}"
+    record = _read_record()
+    if key not in record:
+        record[key] = time_split(out_features, in_features, dtype, split_blocks(out_features))
+        _write_record(record)
+    return record[key]
 
 
 def _machine() -> str:

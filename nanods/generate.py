@@ -1,4 +1,8 @@
-"""Autoregressive sampling on the KV cache: one prefill, then one token per step."""
+"""Autoregressive sampling on the KV cache: one prefill, then one token per step.
+
+Below `stream`, what `nanods sample` wraps around it: its settings, the prompt, what fits the
+context, and the text each sample gains per token.
+"""
 
 from __future__ import annotations
 

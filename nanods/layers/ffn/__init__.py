@@ -1,1 +1,1 @@
-"""FFN components (group `nanods.ffn`): dense.py and moe.py (with experts.py, its grouped kernel)."""
+"""FFN components (group `nanods.ffn`): dense.py and moe.py (its routed experts: experts.py, kernels: dispatch.py)."""
