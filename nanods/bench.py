@@ -10,15 +10,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from nanods.config import NanoDeepSeekConfig
 from nanods import fast_paths
+from nanods.config import NanoDeepSeekConfig
 from nanods.errors import NanodsError
 from nanods.flops import count_parameters, flops_per_token
 from nanods.generate import compiled_decode_step
@@ -208,7 +207,7 @@ def run(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, re
                          for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     torch.manual_seed(0)
     model = NanoDeepSeek(config).to(device)
-    with fast_paths.enabled(model) if fast else nullcontext():
+    with fast_paths.enabled(model, on=fast):
         params = count_parameters(model)
         out["params_total"], out["params_active"] = params["total"], params["active"]
         out["kv_cache_bytes_per_token"] = model.kv_cache_bytes_per_token(dtype)

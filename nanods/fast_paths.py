@@ -2,23 +2,25 @@
 
 The model itself is plain: `nn.Linear` projections, `F.linear` for the routed experts, SDPA for
 attention. `enabled(model)` swaps three of those calls on that model's modules for the paths
-below, and puts the plain ones back on exit. `nanods train`, `sample` and `bench` switch them on
-(`fast_paths = false` in `[train]`/`[sample]`, or `nanods bench --plain`, keeps them off); the
-Python API leaves them off unless asked. Each path is chosen by a rule, never by a timing taken
-during the run, so a run's output does not depend on how busy the machine was:
+below, and puts the plain ones back on exit (one user of a model at a time: a block entered
+inside another changes nothing). `nanods train`, `sample` and `bench` switch them on
+(`fast_paths = false` in `[train]`/`[sample]`, or `--plain`, keeps them off); the Python API
+leaves them off unless asked. Each path is chosen by a rule, so a run's output does not depend
+on how busy the machine was:
 
 - split: a projection of at most FEW_ROWS rows (decoding) on CPU runs as one batched matmul over
   one block of weight rows per thread. Some BLAS builds run a matrix-vector product on one thread
   (MKL on AMD EPYC: 2-3x faster split); others thread it already (MKL on Intel Xeon: split 2-4x
   slower). So it is taken for a weight shape only where this machine's record says it timed
-  SPLIT_MARGIN faster. The record is made once per CPU model, thread count, torch version, shape
-  and dtype, and kept in $NANODS_CACHE/fast-paths.json; later runs read it.
+  SPLIT_MARGIN faster. The first run that meets a shape times it once per CPU model, thread
+  count, torch version, shape and dtype, and keeps the answer in $NANODS_CACHE/fast-paths.json;
+  later runs read it. Where the record cannot be kept, no split.
 - reduction: under torch.compile, a one-row projection is written as a multiply and a sum, which
   Inductor turns into one vectorised reduction that streams the weight (oneDNN's bf16
   matrix-vector product is slow on the CPUs measured).
-- explicit attention: bf16 causal attention from position 0 on CPU, up to EXPLICIT_MAX_LEN
-  positions and EXPLICIT_MAX_SCORES scores, runs as two batched matmuls and a softmax (SDPA's CPU
-  kernel runs bf16 at float32 speed).
+- explicit attention: bf16 causal attention from position 0 on CPU with autograd recording (a
+  training step), up to EXPLICIT_MAX_LEN positions and EXPLICIT_MAX_SCORES scores, runs as two
+  batched matmuls and a softmax (SDPA's CPU kernel runs bf16 at float32 speed, forward and backward).
 
 docs/performance.md has what each path gains, and where.
 """
@@ -33,6 +35,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +44,7 @@ from torch import nn
 from nanods.atomic import atomic_write
 from nanods.data import cache_dir
 from nanods.device import compute_dtype
+from nanods.errors import NanodsError
 from nanods.layers.attention.sdpa import causal_attention
 from nanods.layers.ffn.experts import RoutedExperts
 
@@ -53,16 +57,16 @@ RECORD_FILE = "fast-paths.json"
 
 
 @contextmanager
-def enabled(model: nn.Module) -> Iterator[None]:
-    """Within the block, `model` runs the fast paths; on exit, its plain calls again."""
+def enabled(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """Within the block, `model` runs the fast paths (on=False: plainly); on exit, its plain calls again."""
     swapped = []
-    for module in model.modules():
-        swap = _fast_call(module)
-        if swap is None or swap[0] in vars(module):  # not ours to swap, or swapped by an enclosing block
-            continue
-        setattr(module, *swap)
-        swapped.append((module, swap[0]))
     try:
+        for module in model.modules() if on else ():
+            swap = _fast_call(module)
+            if swap is None or swap[0] in vars(module):  # not ours to swap, or swapped by an enclosing block
+                continue
+            setattr(module, *swap)
+            swapped.append((module, swap[0]))
         yield
     finally:
         for module, name in swapped:
@@ -72,11 +76,12 @@ def enabled(model: nn.Module) -> Iterator[None]:
 def _fast_call(module: nn.Module) -> tuple[str, Callable[..., torch.Tensor]] | None:
     """The attribute `enabled` swaps on module and its fast replacement: the same object every time,
     so that a graph torch.compile made in one block still holds in the next."""
-    if isinstance(module, nn.Linear) and module.bias is None:
+    kind = type(module)  # subclasses that compute otherwise (LoRA, float8, ...) are left alone
+    if isinstance(module, nn.Linear) and kind.forward is nn.Linear.forward and module.bias is None:
         if "_fast_forward" not in vars(module):
             module._fast_forward = functools.partial(_project_module, module)
         return "forward", module._fast_forward
-    if isinstance(module, RoutedExperts):
+    if isinstance(module, RoutedExperts) and getattr(kind, "linear", None) is F.linear:
         return "linear", project
     if getattr(type(module), "attend", None) is causal_attention:  # an attention that attends through it
         return "attend", attend
@@ -91,7 +96,7 @@ def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight), split across threads where this machine's record says so, a reduction under
     torch.compile."""
     rows = x.numel() // x.size(-1)
-    if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS:
+    if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS or not weight.is_contiguous():
         return F.linear(x, weight)
     if torch.compiler.is_compiling():  # a graph: one row as a reduction that streams the weight
         dtype = compute_dtype(x)
@@ -117,10 +122,10 @@ def split(x: torch.Tensor, weight: torch.Tensor, blocks: int) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, past: int) -> torch.Tensor:
-    """causal_attention, explicitly for short bf16 sequences from position 0 on CPU."""
+    """causal_attention, explicitly for short bf16 sequences from position 0 on CPU in a training step."""
     t, s = q.size(2), k.size(2)
-    if (past == 0 and q.device.type == "cpu" and q.dtype == torch.bfloat16 and s <= EXPLICIT_MAX_LEN
-            and q.size(0) * q.size(1) * t * s <= EXPLICIT_MAX_SCORES):
+    if (past == 0 and q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
+            and s <= EXPLICIT_MAX_LEN and q.size(0) * q.size(1) * t * s <= EXPLICIT_MAX_SCORES):
         return explicit_causal_attention(q, k, v, scale)
     return causal_attention(q, k, v, scale, past)
 
@@ -158,12 +163,20 @@ RECORD = SplitRecord()  # this process's decisions
 
 
 def recorded_choice(out_features: int, in_features: int, dtype: torch.dtype) -> bool:
-    """The split's choice for this shape from $NANODS_CACHE/fast-paths.json; timed and added when not there."""
+    """The split's choice for this shape from $NANODS_CACHE/fast-paths.json; timed and added when not there.
+    No split where the record cannot be kept: every run would time afresh, and could choose otherwise."""
     key = f"{_machine()} | {torch.get_num_threads()} threads | {out_features}x{in_features} {dtype}"
-    record = _read_record()
+    try:
+        path = cache_dir() / RECORD_FILE
+    except NanodsError:  # $NANODS_CACHE is not a folder
+        return False
+    record = _read_record(path)
     if key not in record:
         record[key] = time_split(out_features, in_features, dtype, split_blocks(out_features))
-        _write_record(record)
+        try:
+            atomic_write(path, json.dumps(record, indent=1, sort_keys=True).encode())
+        except OSError:  # a read-only cache
+            return False
     return record[key]
 
 
@@ -178,22 +191,15 @@ def _machine() -> str:
     return f"{name} | torch {torch.__version__}"
 
 
-def _read_record() -> dict[str, bool]:
+def _read_record(path: Path) -> dict[str, bool]:
     """The recorded choices; an unreadable or malformed record counts as empty (it is only a cache)."""
     try:
-        record = json.loads((cache_dir() / RECORD_FILE).read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(record, dict):
         return {}
     return {k: v for k, v in record.items() if isinstance(k, str) and isinstance(v, bool)}
-
-
-def _write_record(record: dict[str, bool]) -> None:
-    try:
-        atomic_write(cache_dir() / RECORD_FILE, json.dumps(record, indent=1, sort_keys=True).encode())
-    except OSError:  # a read-only cache: the choice holds for this process only
-        pass
 
 
 def time_split(out_features: int, in_features: int, dtype: torch.dtype, blocks: int) -> bool:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nanods.checks import SAMPLE_RANGES
 from nanods import fast_paths
+from nanods.checks import SAMPLE_RANGES
 from nanods.device import device_memory
 from nanods.errors import NanodsError
 from nanods.project import sample_settings
@@ -78,7 +77,7 @@ def stream(model: NanoDeepSeek, idx: torch.Tensor, max_new_tokens: int, temperat
     Sampling uses a private generator (the global RNG is untouched); ids the tokenizer does not
     have (the vocabulary is padded to a multiple of 64) are never sampled. fast=True runs the
     model with `nanods.fast_paths`; compile=True decodes with `compiled_decode_step` (one
-    sequence, on the cache), fast paths included.
+    sequence, on the cache: with fast=True, its graph has the fast paths).
     """
     cfg = model.config
     B, T = idx.shape
@@ -101,7 +100,7 @@ def stream(model: NanoDeepSeek, idx: torch.Tensor, max_new_tokens: int, temperat
     model.eval()
     inference = torch.inference_mode()  # cheaper per op than no_grad; entered only around compute, never across a yield
     try:
-        with fast_paths.enabled(model) if fast or compile else nullcontext():  # module swaps may span yields
+        with fast_paths.enabled(model, on=fast):  # the modules' swaps may span the yields
             with inference:
                 cache = model.init_cache(B, T + max_new_tokens) if use_cache else None
                 seq = idx

@@ -105,6 +105,20 @@ def test_a_damaged_record_counts_as_empty_and_is_rewritten(cache, monkeypatch, c
     assert list(json.loads((cache / fast_paths.RECORD_FILE).read_text()).values()) == [True]
 
 
+@pytest.mark.parametrize("unusable", ["read-only", "not a folder"])
+def test_no_split_where_the_record_cannot_be_kept(tmp_path, monkeypatch, unusable):
+    """Every run would time afresh and could choose otherwise: the plain path is the deterministic one."""
+    where = tmp_path / "cache"
+    if unusable == "read-only":
+        where.mkdir()
+        monkeypatch.setattr(fast_paths, "atomic_write", lambda *a: (_ for _ in ()).throw(PermissionError("read-only")))
+    else:
+        where.write_text("a file")
+    monkeypatch.setenv("NANODS_CACHE", str(where))
+    monkeypatch.setattr(fast_paths, "time_split", lambda *a: True)
+    assert not recorded_choice(36, 24, torch.float32)
+
+
 def test_split_timing_streams_weights_from_memory(monkeypatch):
     """The paths take turns and each call reads a weight not read before: a weight hot in cache hid a 2.7x win,
     and a path timed on the weights the other just read would run from cache."""
@@ -165,6 +179,19 @@ def test_explicit_attention_only_for_short_bfloat16_attention_from_scratch(monke
     torch.testing.assert_close(out.float(), reference(q, k, v, 0.25, past), atol=3e-2, rtol=3e-2)
 
 
+def test_explicit_attention_only_where_a_backward_follows(monkeypatch):
+    """Forward alone (prefill, sampling), SDPA is as fast or faster: the explicit path is for training steps."""
+    calls = []
+    monkeypatch.setattr(fast_paths, "explicit_causal_attention",
+                        lambda *a: calls.append(a) or explicit_causal_attention(*a))
+    q = torch.randn(1, 4, 8, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        attend(q, q, q, 0.25, 0)
+    assert not calls
+    attend(q, q, q, 0.25, 0)
+    assert len(calls) == 1
+
+
 def test_explicit_attention_bounded_by_score_memory(monkeypatch):
     calls = []
     monkeypatch.setattr(fast_paths, "explicit_causal_attention",
@@ -203,6 +230,34 @@ def test_enabled_swaps_every_projection_and_attention_and_puts_them_back(cache, 
             torch.testing.assert_close(model(idx[:, :1], cache=cache_, start_pos=6), plain_step, atol=1e-5, rtol=1e-5)
         assert counted  # the decode step's projections took the split
         assert not [m for m in model.modules() if {"forward", "linear", "attend"} & vars(m).keys()]
+
+
+def test_subclasses_that_compute_otherwise_are_left_alone(cache):
+    class Lora(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    class MyExperts(RoutedExperts):
+        linear = staticmethod(lambda x, w: F.linear(x, w) * 2)
+
+    model = torch.nn.Sequential(Lora(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False),
+                                MyExperts(2, 4, 8, "relu2"))
+    with fast_paths.enabled(model):
+        assert [name for m in model for name in ("forward", "linear") if name in vars(m)] == ["forward"]
+    with fast_paths.enabled(model, on=False):
+        assert not [m for m in model if {"forward", "linear"} & vars(m).keys()]
+
+
+def test_a_stream_runs_fast_only_when_asked(cache, monkeypatch):
+    from nanods.generate import stream
+
+    model, seen = build(), []
+    real = fast_paths.enabled
+    monkeypatch.setattr(fast_paths, "enabled", lambda m, on=True: seen.append(on) or real(m, on))
+    for fast, compile in ((False, False), (True, False)):
+        next(stream(model, torch.zeros(1, 3, dtype=torch.long), 2, temperature=0, fast=fast, compile=compile))
+    assert seen == [False, True]
+    assert not [m for m in model.modules() if {"forward", "linear", "attend"} & vars(m).keys()]
 
 
 @pytest.mark.slow

@@ -101,6 +101,31 @@ def test_kernels_match_reference_float32(kernel):
         torch.testing.assert_close(gp[name], rgp[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("cast", ["autocast", "model"])
+def test_kernels_match_reference_in_bfloat16(kernel, cast):
+    """Same dtype out, and the same values up to bf16 rounding, under autocast and for a bf16 model."""
+    moe = make_moe(ffn_options={"kernel": kernel}).eval()
+    x = torch.randn(3, 5, 64)
+    if cast == "model":
+        moe, x = moe.to(torch.bfloat16), x.bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast == "autocast"):
+        out, ref = moe(x), kernel_of(moe, "reference")(x)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.slow
+def test_a_compiled_graph_as_the_first_call_of_a_fresh_moe():
+    """The router's first-call value checks stay out of a graph (fullgraph, as the compiled decode step)."""
+    moe = make_moe().eval()
+    x = torch.randn(1, 1, 64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(moe, fullgraph=True, backend="eager")(x)
+        torch.testing.assert_close(compiled, moe(x))
+
+
 @pytest.mark.parametrize("kernel", ["reference", "loop", "grouped_mm"])
 def test_experts_without_tokens_still_get_zero_gradients(kernel):
     moe = make_moe(ffn_options={"kernel": kernel}).train()

@@ -56,6 +56,7 @@ class RunOptions:
     overwrite: bool = False
     explicit: dict[str, dict[str, Any]] = field(default_factory=dict)  # what the command line set, by section
     scale: str | None = None  # --scale, when given
+    profile: str | None = None  # --profile, when given
 
 
 class StopFlag:
@@ -267,7 +268,7 @@ class Trainer:
             raise NanodsError(f"--init-from '{path}' not found")
         source = self._read_checkpoint(path)
         stored = source["config"].to_dict()
-        given = {k: v for k, v in self.opts.explicit.get("model", {}).items() if k != "scale"}
+        given = {k: v for k, v in self.opts.explicit.get("model", {}).items() if k not in ("scale", "profile")}
         changed = [f"model.{k}: {stored.get(k)!r} -> {v!r}" for k, v in given.items() if stored.get(k) != v]
         if changed:  # the weights fix the model: a silently ignored option would mislead
             raise NanodsError(f"--init-from takes the model from '{path}', which differs from the command line: "
@@ -420,7 +421,7 @@ class Trainer:
     def run(self) -> int:
         """Train to the planned total (or a stop request); the progress bar ends however this does."""
         try:
-            with fast_paths.enabled(self.model) if self.settings.fast_paths else contextlib.nullcontext():
+            with fast_paths.enabled(self.model, on=self.settings.fast_paths):
                 return self._loop()
         finally:
             self.report.close()
@@ -496,7 +497,7 @@ class Trainer:
 def train(project: Project, run: RunOptions) -> int:
     """Run `nanods train`; returns the exit code."""
     if run.resume:
-        project = resumed_project(project, run.explicit, run.scale)
+        project = resumed_project(project, run.explicit, run.scale, run.profile)
     try:
         trainer = Trainer(project, Path(project.train.out), run)
     except BaseException:

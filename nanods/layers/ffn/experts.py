@@ -50,13 +50,13 @@ class RoutedExperts(nn.Module):
         return dispatch.sorted_loop(self, x, weights, indices, counts)
 
     def reference(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """The definition, one expert at a time."""
-        y = torch.zeros_like(x)
+        """The definition, one expert at a time (summed in float32 at least, returned in the compute dtype)."""
+        y = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         for e in indices.unique().tolist():
             token, slot = torch.where(indices == e)  # the tokens that chose expert e, and in which of their k slots
             out = self.expert(x[token], self.w_in[e], self.w_out[e])
             y = y.index_add(0, token, (weights[token, slot].unsqueeze(-1) * out).to(y.dtype))
-        return y
+        return y.to(compute_dtype(x))
 
 
 def pick_kernel(kernel: str, x: torch.Tensor) -> str:

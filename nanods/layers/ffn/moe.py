@@ -29,7 +29,7 @@ class MoE(KeepsFloat32):
 
     @dataclass
     class Config:
-        kernel: str = "auto"  # routed-expert matmuls: "auto", "grouped_mm" (F.grouped_mm) or "loop"
+        kernel: str = "auto"  # routed experts: "auto", "reference" (the definition), "loop" or "grouped_mm"
 
     float32_children = ("router",)
 
@@ -72,7 +72,7 @@ class MoE(KeepsFloat32):
 
     def _check(self, out: object, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """The router's output against the contract: shapes and dtypes (free, every call), then index range
-        and distinctness (one host sync, on the first call; later out-of-range ids show in _count)."""
+        and distinctness (one host sync, on the first eager call; later out-of-range ids show in _count)."""
         if not isinstance(out, tuple) or len(out) not in (2, 3) or not all(isinstance(t, torch.Tensor) for t in out[:2]) \
                 or not (len(out) == 2 or out[2] is None or isinstance(out[2], torch.Tensor)):
             self._broken("it must return tensors (weights, indices) or (weights, indices, aux_loss)")
@@ -83,12 +83,9 @@ class MoE(KeepsFloat32):
             self._broken(f"indices must be torch.int64 {shape}, got {indices.dtype} {tuple(indices.shape)}")
         if len(out) == 3 and out[2] is not None and out[2].dim() != 0:
             self._broken(f"aux_loss must be a scalar, got shape {tuple(out[2].shape)}")
-        if not self.values_checked:
-            self._check_values(indices)
-            self.values_checked = True
-
-    @torch.compiler.disable  # value-dependent: under torch.compile it runs eagerly, once
-    def _check_values(self, indices: torch.Tensor) -> None:
+        if self.values_checked or torch.compiler.is_compiling():  # a graph cannot branch on values
+            return
+        self.values_checked = True
         E = self.config.num_experts
         repeated = (indices.sort(-1).values.diff(dim=-1) == 0).any()
         low, high, twice = torch.stack([indices.min(), indices.max(), repeated.long()]).tolist()
@@ -100,10 +97,12 @@ class MoE(KeepsFloat32):
     def _count(self, indices: torch.Tensor) -> torch.Tensor:
         """Rows routed to each expert (E,)."""
         E, flat = self.config.num_experts, indices.flatten()
-        try:  # a fixed-size sum, not bincount (whose size depends on the values): a graph can hold it
+        if torch.compiler.is_compiling():  # bincount's size depends on the values: a graph takes a fixed-size sum
             return flat.new_zeros(E).index_add_(0, flat, torch.ones_like(flat))
-        except (IndexError, RuntimeError) as e:  # an id out of range after the first call's checks (CPU)
-            self._broken(f"indices must be in [0, {E}) ({e})")
+        counts = torch.bincount(flat, minlength=E)  # an id < 0 raises here, on every device
+        if counts.numel() != E:  # an id past the last expert (the first call checked the router more closely)
+            self._broken(f"indices must be in [0, {E}), got up to {counts.numel() - 1}")
+        return counts
 
     def _broken(self, problem: str) -> NoReturn:
         c = registry.find("router", self.config.router)
