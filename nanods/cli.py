@@ -109,6 +109,10 @@ def components(
         err.print("[dim]imports: not checked; run `nanods components --check` to import each one[/]")
 
 
+ProfileOption = Annotated[Optional[str], typer.Option(help="Architecture: nanochat (the defaults) or deepseek (SwiGLU, "
+                                                     "learnable norms, MLA, MoE, sigmoid router); overrides \\[model] profile.")]
+
+
 # ---------------------------------------------------------------------------------------------
 @app.command(cls=_Command)
 def init(
@@ -160,6 +164,7 @@ class _TomlValues:
 def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Project file \\[default: ./nanods.toml if present].")] = None,
     scale: Annotated[Optional[str], typer.Option(help="Preset: tiny, small, base, large (overrides \\[model] scale).")] = None,
+    profile: ProfileOption = None,
     attention: Annotated[Optional[str], typer.Option(help="Attention component, e.g. mla or mha.")] = None,
     ffn: Annotated[Optional[str], typer.Option(help="FFN component, e.g. moe or dense.")] = None,
     router: Annotated[Optional[str], typer.Option(help="Router component, e.g. sigmoid or softmax.")] = None,
@@ -192,10 +197,10 @@ def train(
 
     cli = {"model": {"attention": attention, "ffn": ffn, "router": router},
            "train": {"data": data, "steps": steps, "time_budget": time_budget, "out": out, "device": device, "dtype": dtype}}
-    project = load_project(config, scale=scale, cli=cli, sets=sets)
+    project = load_project(config, scale=scale, cli=cli, sets=sets, profile=profile)
     explicit = command_line_values(cli, sets)
     code = run_training(project, RunOptions(resume=resume, init_from=init_from, overwrite=overwrite, scale=scale,
-                                            explicit=explicit))
+                                            profile=profile, explicit=explicit))
     if code:
         sys.exit(code)  # a graceful stop already said what happened and how to resume
 
@@ -303,6 +308,7 @@ def bench(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Project file whose model to measure "
                                                    "\\[default: ./nanods.toml if present, else --scale small].")] = None,
     scale: Annotated[Optional[str], typer.Option(help="Preset: tiny, small, base, large (overrides \\[model] scale).")] = None,
+    profile: ProfileOption = None,
     dtype: Annotated[str, typer.Option(help="auto (bf16 where native, else fp32), float32/fp32, bfloat16/bf16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto (cuda, else mps, else cpu), cpu, cuda or mps.")] = "auto",
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs of the train step and prefill; decode rows take "
@@ -326,13 +332,13 @@ def bench(
     from nanods.device import resolve_device, resolve_dtype
 
     path = project_file(config)
-    model = load_project(path, scale=scale or (None if path else "small"), sets=sets).model
+    model = load_project(path, scale=scale or (None if path else "small"), sets=sets, profile=profile).model
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     with err.status("measuring") as status:
         result = benchmarks.run(model, torch_device, torch_dtype, repeats, compile=compile, fast=not plain,
                                 progress=lambda what: status.update(f"measuring {what}"))
-    result["scale"] = " + ".join(filter(None, [scale, path and str(path)])) or "small"
+    result["scale"] = " + ".join(filter(None, [scale or (None if path else "small"), path and str(path), profile]))
     if as_json:
         _print_json(result)
         return
@@ -345,6 +351,7 @@ def inspect(
     target: Annotated[Optional[Path], typer.Argument(help="A checkpoint, a run folder holding ckpt.safetensors, or a "
                                                      "project file (nanods.toml) \\[default: ./nanods.toml if present].")] = None,
     scale: Annotated[Optional[str], typer.Option(help="Inspect a preset instead: tiny, small, base, large.")] = None,
+    profile: ProfileOption = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Context length for cache and FLOPs \\[default: sequence_len].")] = None,
     batch: Annotated[int, typer.Option(help="Batch size for the total cache size.")] = 1,
     dtype: Annotated[str, typer.Option(help="Cache dtype: bfloat16/bf16 or float32/fp32.")] = "bfloat16",
@@ -376,11 +383,33 @@ def inspect(
     if kind == "checkpoint":
         info = checkpoint_report(path, **kwargs)
     else:
-        info = report(load_project(path, scale=scale, sets=sets).model, **kwargs)
+        info = report(load_project(path, scale=scale, sets=sets, profile=profile).model, **kwargs)
     if as_json:
         _print_json(info)
         return
     print_report(info, out)
+
+
+# ---------------------------------------------------------------------------------------------
+@app.command(cls=_Command)
+def convert(
+    src: Annotated[Path, typer.Argument(help="A nanods checkpoint (ckpt.safetensors) or its run folder.")],
+    dst: Annotated[Path, typer.Argument(help="A new folder for the Hugging Face model (never overwritten).")],
+) -> None:
+    """Convert a nanods checkpoint to a Hugging Face DeepseekV3ForCausalLM folder.
+
+    Writes config.json, generation_config.json, model.safetensors, tokenizer.json and
+    tokenizer_config.json, loadable with transformers' AutoModelForCausalLM and AutoTokenizer.
+    DeepSeek-V3's choices are needed (--profile deepseek: swiglu, MLA, MoE with the sigmoid
+    router, or dense); anything else is refused before a file is written.
+
+    Examples:
+      nanods convert runs/tiny runs/tiny-hf
+    """
+    from nanods.convert import to_hf
+
+    written = to_hf(src, dst)
+    out.print(f"wrote {escape(str(written))}", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 from nanods.checks import MODEL_RANGES, check_fields, check_ranges
 from nanods.errors import NanodsError, did_you_mean
 
-MLA_ATTENTIONS = ("mla", "dsa")  # attentions built on MLA's latent cache
+MLA_ATTENTIONS = ("mla",)  # attentions built on MLA's latent cache
 
 
 def short_name(component: str) -> str:
@@ -49,6 +49,13 @@ class NanoDeepSeekConfig:
     qk_norm: bool = True  # per-head QK RMSNorm in MHA (MLA normalises its latents instead)
     activation: str = "relu2"  # "relu2" | "swiglu"
     rope_theta: float = 10000.0
+    # YaRN context extension (off at factor 1; DeepSeek-V3: 40, 4096, 32, 1, 1, 1), as transformers' rope_parameters
+    rope_factor: float = 1.0  # factor: how many times longer the context is than the one trained on
+    rope_original_len: int | None = None  # original_max_position_embeddings -> sequence_len / rope_factor
+    rope_beta_fast: float = 32.0  # beta_fast: pairs turning more than this often in original_len keep their frequency
+    rope_beta_slow: float = 1.0  # beta_slow: pairs turning less often are slowed by rope_factor; a ramp between
+    rope_mscale: float = 1.0  # mscale: cos/sin scale m(mscale) / m(mscale_all_dim), m(s) = 0.1 s ln(rope_factor) + 1
+    rope_mscale_all_dim: float = 1.0  # mscale_all_dim: MLA's softmax scale x m(mscale_all_dim)^2
     tie_embeddings: bool = False
     ffn_hidden: int | None = None  # dense FFN width -> 4*n_embd (relu2) or ~8/3*n_embd (swiglu)
     tokenizer_vocab_size: int | None = None  # real tokenizer size; ids >= it are never sampled
@@ -92,6 +99,9 @@ class NanoDeepSeekConfig:
             self.qk_rope_head_dim = max(2, head_dim // 2 // 2 * 2)
         if self.v_head_dim is None:
             self.v_head_dim = head_dim
+        if self.rope_original_len is None:
+            factor = self.rope_factor if self.rope_factor >= 1 else 1.0  # below 1 or nan: refused by validate below
+            self.rope_original_len = max(1, round(self.sequence_len / factor))
         if self.ffn_hidden is None:
             self.ffn_hidden = 4 * self.n_embd if self.activation == "relu2" else round_up(8 * self.n_embd // 3, 64)
         if self.moe_hidden is None:
@@ -125,6 +135,8 @@ class NanoDeepSeekConfig:
             (self.first_k_dense <= self.n_layer, f"first_k_dense ({self.first_k_dense}) must be <= n_layer ({self.n_layer})"),
             (self.activation in ("relu2", "swiglu"), f"activation must be 'relu2' or 'swiglu', got '{self.activation}'"
              + did_you_mean(self.activation, ["relu2", "swiglu"])),
+            (self.rope_beta_fast >= self.rope_beta_slow,
+             f"rope_beta_fast ({self.rope_beta_fast}) must be >= rope_beta_slow ({self.rope_beta_slow})"),
             (self.tokenizer_vocab_size is None or 0 < self.tokenizer_vocab_size <= self.vocab_size,
              f"tokenizer_vocab_size ({self.tokenizer_vocab_size}) must be in 1..vocab_size ({self.vocab_size})"),
             (self.mtp_depth == 0, "mtp_depth > 0 (multi-token prediction) is not implemented yet; set mtp_depth = 0"),
@@ -182,3 +194,17 @@ def preset(scale: str) -> dict[str, Any]:
     if scale not in PRESETS:
         raise NanodsError(f"unknown scale '{scale}'{did_you_mean(scale, PRESETS)}; choose one of: {', '.join(PRESETS)}")
     return dict(PRESETS[scale])
+
+
+# Architecture profiles, applied after the scale preset (a file's or the command line's own keys still win):
+# "nanochat" is the defaults (relu² experts, parameter-free norms); "deepseek" makes every choice DeepSeek-V3's.
+PROFILES: dict[str, dict[str, Any]] = {
+    "nanochat": {},
+    "deepseek": dict(attention="mla", ffn="moe", router="sigmoid", activation="swiglu", norm_weights=True),
+}
+
+
+def profile_preset(name: str) -> dict[str, Any]:
+    if name not in PROFILES:
+        raise NanodsError(f"unknown profile '{name}'{did_you_mean(name, PROFILES)}; choose one of: {', '.join(PROFILES)}")
+    return dict(PROFILES[name])

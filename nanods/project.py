@@ -1,6 +1,6 @@
 """The project file (nanods.toml) and the settings a command runs with.
 
-Resolution order: dataclass defaults -> preset -> nanods.toml -> command-line options -> --set.
+Resolution order: dataclass defaults -> preset -> profile -> nanods.toml -> command-line options -> --set.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from nanods import registry
 from nanods.checks import SAMPLE_RANGES, TRAIN_RANGES, check_fields, check_ranges
-from nanods.config import NanoDeepSeekConfig, preset
+from nanods.config import NanoDeepSeekConfig, preset, profile_preset
 from nanods.errors import NanodsError, did_you_mean
 
 if sys.version_info >= (3, 11):
@@ -170,14 +170,30 @@ def command_line_values(cli: dict[str, dict[str, Any]] | None, sets: list[str] |
     return _merge(given, parse_set(sets or []))
 
 
+def take_choice(model_values: dict[str, Any], key: str, option: str | None) -> str | None:
+    """The --scale or --profile option when given, else model_values' key of that name (taken out either way)."""
+    given = model_values.pop(key, None)
+    chosen = option or given
+    if chosen is not None and not isinstance(chosen, str):
+        raise NanodsError(f"model.{key} must be a string, got {chosen!r}")
+    return chosen
+
+
+def starting_model_values(scale: str | None, profile: str | None) -> dict[str, Any]:
+    """The model values the file's keys go on top of: the scale's preset, then the profile's choices."""
+    return {**(preset(scale) if scale else {}), **(profile_preset(profile) if profile else {})}
+
+
 def resolve_project(
     toml: dict[str, Any] | None = None,
     scale: str | None = None,
     cli: dict[str, dict[str, Any]] | None = None,
     sets: list[str] | None = None,
     where: str = "nanods.toml",
+    profile: str | None = None,
 ) -> Project:
-    """Resolve defaults -> preset -> nanods.toml -> command-line options -> --set; validate every key and component."""
+    """Resolve defaults -> preset -> profile -> nanods.toml -> command-line options -> --set; validate every key
+    and component."""
     toml = toml or {}
     if cli or sets:  # values are merged before they are checked: name every place they may come from
         where = f"{where} or the command line"
@@ -194,11 +210,8 @@ def resolve_project(
                 raise NanodsError(f"[{section}] must be a table")
             merged[section] = _merge(merged[section], values)
     model_values = dict(merged["model"])
-    chosen_scale = scale or model_values.pop("scale", None)
-    model_values.pop("scale", None)
-    if chosen_scale is not None and not isinstance(chosen_scale, str):
-        raise NanodsError(f"model.scale must be a string, got {chosen_scale!r}")
-    values = preset(chosen_scale) if chosen_scale else {}
+    chosen_scale = take_choice(model_values, "scale", scale)
+    values = starting_model_values(chosen_scale, take_choice(model_values, "profile", profile))
     values.update(check_fields(model_values, f"[model] of {where}", NanoDeepSeekConfig))
     for group in ("attention", "ffn", "router"):
         if values.get(group) is not None:

@@ -539,6 +539,17 @@ def test_help_shows_flags_without_a_value_type(command, monkeypatch, capsys):
 # init shows its scale's values
 
 
+def test_profile_option_and_its_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no ./nanods.toml
+    code, out, err = main_in_process(["inspect", "--scale", "tiny", "--profile", "deepseek", "--json"], capsys)
+    assert code == 0, err
+    config = json.loads(out)["config"]
+    assert (config["activation"], config["norm_weights"]) == ("swiglu", True)
+    code, _, err = main_in_process(["inspect", "--scale", "tiny", "--profile", "deepsek"], capsys)
+    assert code == 1 and _error_lines(err) == ["error: unknown profile 'deepsek' (did you mean 'deepseek'?); "
+                                               "choose one of: nanochat, deepseek"]
+
+
 @pytest.mark.parametrize("scale", list(PRESETS))
 def test_init_shows_the_values_of_its_scale(scale, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nanods import NanoDeepSeekConfig
-from nanods.config import PRESETS, preset
+from nanods.config import PRESETS, PROFILES, preset
 from nanods.project import parse_duration, parse_set, read_toml, resolve_project
 from nanods.errors import NanodsError
 
@@ -114,6 +114,8 @@ def test_unknown_scale_suggests_closest():
     (dict(top_k=1, route_norm=True), r"route_norm"),
     (dict(activation="swiglo"), r"activation.*'swiglo'.*did you mean 'swiglu'"),
     (dict(activation="relu"), r"did you mean 'relu2'"),
+    (dict(rope_beta_fast=1.0, rope_beta_slow=2.0), r"rope_beta_fast \(1\.0\) must be >= rope_beta_slow \(2\.0\)"),
+    (dict(rope_original_len=0), r"rope_original_len must be an integer in 1\.\.1048576, got 0"),
 ])
 def test_validation_errors_are_clear(kwargs, pattern):
     with pytest.raises(NanodsError, match=pattern):
@@ -217,6 +219,50 @@ def test_set_wrong_type_names_key():
 def test_set_unknown_section_suggests():
     with pytest.raises(NanodsError, match=r"modle.*did you mean 'model'"):
         resolve_project({}, sets=["modle.n_layer=3"])
+
+
+# ---------------------------------------------------------------------------------------------
+# YaRN fields and the architecture profile
+
+
+def test_yarn_is_off_by_default_and_its_original_length_follows_the_context():
+    c = NanoDeepSeekConfig()
+    assert (c.rope_factor, c.rope_beta_fast, c.rope_beta_slow, c.rope_mscale, c.rope_mscale_all_dim) == (1, 32, 1, 1, 1)
+    assert c.rope_original_len == c.sequence_len
+    assert NanoDeepSeekConfig(sequence_len=163840, rope_factor=40).rope_original_len == 4096  # DeepSeek-V3's
+    assert NanoDeepSeekConfig(sequence_len=8192, rope_factor=40, rope_original_len=4096).rope_original_len == 4096
+
+
+def test_deepseek_profile_makes_every_choice_deepseeks():
+    m = resolve_project({"model": {"scale": "tiny", "profile": "deepseek"}}).model
+    assert (m.activation, m.norm_weights, m.attention, m.ffn, m.router) == ("swiglu", True, "mla", "moe", "sigmoid")
+    assert m == NanoDeepSeekConfig(**{**preset("tiny"), **PROFILES["deepseek"]})  # ffn_hidden derived for swiglu
+
+
+def test_the_default_is_nanochats_relu2_and_parameter_free_norms():
+    m = resolve_project({}).model
+    assert (m.activation, m.norm_weights) == ("relu2", False)
+    assert resolve_project({}, profile="nanochat").model == m
+
+
+def test_a_files_own_keys_win_over_its_profile():
+    m = resolve_project({"model": {"profile": "deepseek", "activation": "relu2"}}).model
+    assert m.activation == "relu2" and m.norm_weights is True
+
+
+def test_profile_from_the_command_line():
+    assert resolve_project({}, sets=["model.profile=deepseek"]).model.activation == "swiglu"
+    assert resolve_project({"model": {"profile": "nanochat"}}, profile="deepseek").model.norm_weights is True
+    m = resolve_project({"model": {"profile": "deepseek"}}, cli={"model": {"router": "softmax"}}).model
+    assert m.router == "softmax" and m.activation == "swiglu"
+
+
+def test_an_unknown_profile_is_one_error_naming_the_choices():
+    with pytest.raises(NanodsError, match=r"^unknown profile 'deepseak' \(did you mean 'deepseek'\?\); "
+                                          r"choose one of: nanochat, deepseek$"):
+        resolve_project({"model": {"profile": "deepseak"}})
+    with pytest.raises(NanodsError, match=r"^model\.profile must be a string, got 3$"):
+        resolve_project({"model": {"profile": 3}})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +423,11 @@ NAN, INF = float("nan"), float("inf")
     *[("model", key, value, "a finite number > 0") for key in ("norm_eps", "rope_theta", "route_scale")
       for value in (NAN, INF, 0.0, -1.0)],
     *[("model", key, value, "a finite number >= 0")
-      for key in ("bias_update_speed", "aux_loss_alpha", "mtp_loss_weight") for value in (NAN, INF, -0.5)],
+      for key in ("bias_update_speed", "aux_loss_alpha", "mtp_loss_weight", "rope_mscale", "rope_mscale_all_dim")
+      for value in (NAN, INF, -0.5)],
+    *[("model", key, value, "a finite number > 0") for key in ("rope_beta_fast", "rope_beta_slow")
+      for value in (NAN, INF, 0.0, -1.0)],
+    *[("model", "rope_factor", value, "a finite number >= 1") for value in (NAN, INF, 0.5, 0.0, -1.0)],
     *[("train", key, value, "a finite number > 0") for key in ("lr", "muon_lr") for value in (NAN, INF, -INF, 0.0)],
     *[("train", key, value, "a finite number >= 0")
       for key in ("weight_decay", "grad_clip") for value in (NAN, INF, -0.1)],

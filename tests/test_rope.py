@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from nanods.layers.rope import apply_rope
+from nanods.layers.rope import Rope, apply_rope
 
 
 def rotate_half_reference(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
@@ -43,12 +43,13 @@ def test_scores_depend_only_on_relative_position():
 
 
 @pytest.mark.slow
-def test_compiles_without_warnings_and_equals_eager():
+@pytest.mark.parametrize("rope", [10000.0, Rope(500.0, factor=4.0, original_len=64, mscale=2.0)], ids=["plain", "yarn"])
+def test_compiles_without_warnings_and_equals_eager(rope):
     """One graph, no Dynamo warning, equal to eager."""
     x, pos = torch.randn(2, 5, 3, 8), torch.arange(5).expand(2, 5)
     torch._dynamo.reset()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compiled = torch.compile(apply_rope, fullgraph=True)(x, pos, 10000.0)
+        compiled = torch.compile(apply_rope, fullgraph=True)(x, pos, rope)
     assert not [w for w in caught if "dynamo" in str(w.message).lower() or "graph" in str(w.message).lower()]
-    torch.testing.assert_close(compiled, apply_rope(x, pos, 10000.0))
+    torch.testing.assert_close(compiled, apply_rope(x, pos, rope))

@@ -51,6 +51,8 @@ def test_resume_refuses_a_changed_run(corpus, tmp_path):
         train(project(corpus, tmp_path, "model.n_layer=3"), resuming("model.n_layer=3"))
     with pytest.raises(NanodsError, match=r"train.batch_size: 4 -> 8"):
         train(project(corpus, tmp_path, "train.batch_size=8"), resuming("train.batch_size=8"))
+    with pytest.raises(NanodsError, match=r"model.activation: 'relu2' -> 'swiglu'"):  # a profile changes the model too
+        train(project(corpus, tmp_path, "model.profile=deepseek"), resuming("model.profile=deepseek"))
 
 
 def test_out_dir_with_a_run_is_never_overwritten_silently(corpus, tmp_path):

@@ -13,14 +13,15 @@ from typing import Any
 
 from nanods import checkpoint
 from nanods.checks import check_fields
-from nanods.config import NanoDeepSeekConfig, preset
+from nanods.config import NanoDeepSeekConfig
 from nanods.errors import NanodsError
-from nanods.project import Project, TrainSettings
+from nanods.project import Project, TrainSettings, starting_model_values, take_choice
 from nanods.safetensors_header import read_header
 from nanods.train.run_dir import ASIDE
 
 
-def resumed_project(project: Project, explicit: dict[str, dict[str, Any]], scale: str | None) -> Project:
+def resumed_project(project: Project, explicit: dict[str, dict[str, Any]], scale: str | None,
+                    profile: str | None = None) -> Project:
     """`project` with its model and train settings replaced by the saved run's, plus the explicit
     command-line values. A folder without a saved pair is left to the trainer to report."""
     out = Path(project.train.out)
@@ -42,8 +43,7 @@ def resumed_project(project: Project, explicit: dict[str, dict[str, Any]], scale
     if explicit.get("train", {}).get("data", "stdlib") != "stdlib":  # compared with the absolute path it saved
         train["data"] = str(Path(train["data"]).expanduser().resolve())
     given = dict(explicit.get("model", {}))
-    scale = scale or given.pop("scale", None)
-    given.pop("scale", None)
+    start = starting_model_values(take_choice(given, "scale", scale), take_choice(given, "profile", profile))
     model = checkpoint.config_from_metadata(meta, weights).to_dict()
-    model.update(preset(scale) if scale else {}, **check_fields(given, "the command line", NanoDeepSeekConfig))
+    model.update(start, **check_fields(given, "the command line", NanoDeepSeekConfig))
     return dataclasses.replace(project, model=NanoDeepSeekConfig(**model), train=TrainSettings(**train))

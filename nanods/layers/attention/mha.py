@@ -9,7 +9,7 @@ from nanods.config import NanoDeepSeekConfig
 from nanods.layers.attention.cache import LayerCache
 from nanods.layers.attention.sdpa import causal_attention
 from nanods.layers.norm import RMSNorm
-from nanods.layers.rope import apply_rope
+from nanods.layers.rope import Rope, apply_rope
 
 
 class MultiHeadAttention(nn.Module):
@@ -26,16 +26,16 @@ class MultiHeadAttention(nn.Module):
         self.wo = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_weights) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_weights) if config.qk_norm else None
+        self.rotary = Rope.from_config(config)  # YaRN's frequencies and cos/sin scale too, not MLA's softmax scale
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        cfg = self.config
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)
         k, v = self.wkv(x).view(B, T, 2, self.n_kv_head, self.head_dim).unbind(2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, pos, cfg.rope_theta)
-        k = apply_rope(k, pos, cfg.rope_theta)
+        q = apply_rope(q, pos, self.rotary)
+        k = apply_rope(k, pos, self.rotary)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         past = 0
         if cache is not None:

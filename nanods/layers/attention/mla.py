@@ -19,7 +19,9 @@ from nanods.errors import NanodsError
 from nanods.layers.attention.cache import LayerCache
 from nanods.layers.attention.sdpa import causal_attention
 from nanods.layers.norm import RMSNorm
-from nanods.layers.rope import apply_rope
+from nanods.layers.rope import Rope, apply_rope
+
+LATENT_NORM_EPS = 1e-6  # DeepSeek fixes the latent norms' eps (its RMSNorm default), whatever norm_eps is
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -42,25 +44,26 @@ class MultiHeadLatentAttention(nn.Module):
         qk_dim = self.nope + self.rope
         if config.q_lora_rank:  # query compression: x -> c_q -> norm -> per-head queries
             self.wq_a = nn.Linear(C, config.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(config.q_lora_rank, config.norm_eps, config.norm_weights)
+            self.q_norm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS, config.norm_weights)
             self.wq_b = nn.Linear(config.q_lora_rank, H * qk_dim, bias=False)
         else:
             self.wq = nn.Linear(C, H * qk_dim, bias=False)
         self.wkv_a = nn.Linear(C, self.rank + self.rope, bias=False)  # -> [c_kv ; k_pe]
-        self.kv_norm = RMSNorm(self.rank, config.norm_eps, config.norm_weights)  # MLA's QK-norm
+        self.kv_norm = RMSNorm(self.rank, LATENT_NORM_EPS, config.norm_weights)  # MLA's QK-norm
         self.wkv_b = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)  # [W_UK ; W_UV] per head
         self.wo = nn.Linear(H * self.v_dim, C, bias=False)
-        # the score scale of the decompressed head width, also on the absorbed path (not SDPA's default)
-        self.softmax_scale = qk_dim ** -0.5
+        self.rotary = Rope.from_config(config)
+        # the score scale of the decompressed head width, also on the absorbed path (not SDPA's default), and YaRN's
+        self.softmax_scale = qk_dim ** -0.5 * self.rotary.softmax_factor
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.config
         q = self.wq_b(self.q_norm(self.wq_a(x))) if cfg.q_lora_rank else self.wq(x)
         q_nope, q_pe = q.view(B, T, self.n_head, -1).split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, pos, cfg.rope_theta)
+        q_pe = apply_rope(q_pe, pos, self.rotary)
         c_kv, k_pe = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
-        k_pe = apply_rope(k_pe.unsqueeze(2), pos, cfg.rope_theta).squeeze(2)
+        k_pe = apply_rope(k_pe.unsqueeze(2), pos, self.rotary).squeeze(2)
         latent = torch.cat([self.kv_norm(c_kv), k_pe], dim=-1)  # (B, T, rank + rope): all that is cached
         past = 0
         if cache is not None:
