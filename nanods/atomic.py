@@ -15,7 +15,7 @@ def atomic_write(path: str | Path, content: bytes | Callable[[BinaryIO], object]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a plain open() would honour the umask
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600; a plain open() would honour the umask
         with os.fdopen(fd, "wb") as f:
             content(f) if callable(content) else f.write(content)
             f.flush()
@@ -31,7 +31,7 @@ def atomic_write(path: str | Path, content: bytes | Callable[[BinaryIO], object]
         os.close(dir_fd)
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process's umask (reading it means setting it: set it straight back)."""
     mask = os.umask(0o022)
     os.umask(mask)

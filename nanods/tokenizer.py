@@ -22,7 +22,7 @@ EOT = "<|endoftext|>"
 N_BYTES = 256
 
 
-def _byte_to_unicode() -> dict[int, str]:
+def byte_to_unicode() -> dict[int, str]:
     """GPT-2's map from each byte to a printable character, the alphabet of byte-level BPE."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     mapping = {b: chr(b) for b in printable}
@@ -52,7 +52,7 @@ class Tokenizer:
         if eot_id is None:
             raise NanodsError(f"the stored BPE tokenizer has no {EOT} token; retrain it (delete the cached file)")
         self.eot_id = eot_id
-        char_byte = {c: b for b, c in _byte_to_unicode().items()}
+        char_byte = {c: b for b, c in byte_to_unicode().items()}
         special = {tok.content for tok in hf.get_added_tokens_decoder().values()}
         vocab = hf.get_vocab(with_added_tokens=True)
         self._id_bytes = [b""] * len(vocab)

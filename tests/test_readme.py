@@ -40,6 +40,8 @@ AS_WRITTEN = [
     "nanods train --scale tiny --router noisy-topk --steps 20 --out runs/noisy",
     "nanods init mine.toml",
     "nanods inspect --scale tiny --set model.n_layr=4",
+    "nanods train --scale tiny --profile deepseek --steps 40 --out runs/ds",
+    "nanods convert runs/ds hf-ds",
 ]
 
 # Too long for a test: run as this cheaper command instead. {python} is this interpreter, {site} a folder
