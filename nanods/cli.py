@@ -393,22 +393,29 @@ def inspect(
 # ---------------------------------------------------------------------------------------------
 @app.command(cls=_Command)
 def convert(
-    src: Annotated[Path, typer.Argument(help="A nanods checkpoint (ckpt.safetensors) or its run folder.")],
-    dst: Annotated[Path, typer.Argument(help="A new folder for the Hugging Face model (never overwritten).")],
+    src: Annotated[Path, typer.Argument(help="A nanods checkpoint (ckpt.safetensors) or its run folder; or a "
+                                             "Hugging Face model folder (with config.json).")],
+    dst: Annotated[Path, typer.Argument(help="A new folder for the Hugging Face model, or a new .safetensors file "
+                                             "for the nanods checkpoint (never overwritten).")],
 ) -> None:
-    """Convert a nanods checkpoint to a Hugging Face DeepseekV3ForCausalLM folder.
+    """Convert a nanods checkpoint to a Hugging Face DeepseekV3ForCausalLM folder, or back.
 
     Writes config.json, generation_config.json, model.safetensors, tokenizer.json and
     tokenizer_config.json, loadable with transformers' AutoModelForCausalLM and AutoTokenizer.
     DeepSeek-V3's choices are needed (--profile deepseek: swiglu, MLA, MoE with the sigmoid
     router, or dense); anything else is refused before a file is written.
 
+    A folder with config.json (from save_pretrained, or from this command) goes the other way, to
+    one checkpoint file that sample, inspect and train --init-from take; it needs a tokenizer.json
+    with nanods' byte tokenizer or a byte-level BPE with <|endoftext|>. FP8 weights are refused.
+
     Examples:
       nanods convert runs/tiny runs/tiny-hf
+      nanods convert runs/tiny-hf tiny.safetensors
     """
-    from nanods.convert import to_hf
+    from nanods.convert import convert as run_convert
 
-    written = to_hf(src, dst)
+    written = run_convert(src, dst)
     out.print(f"wrote {escape(str(written))}", highlight=False, soft_wrap=True)
 
 

@@ -1,4 +1,4 @@
-"""Conversion of a nanods checkpoint to a Hugging Face `DeepseekV3ForCausalLM` directory.
+"""Conversion of a nanods checkpoint to a Hugging Face `DeepseekV3ForCausalLM` directory, and back.
 
 `to_hf(src, dst)` writes config.json, generation_config.json, model.safetensors (sharded with an
 index past 5 GB), tokenizer.json and tokenizer_config.json into a temporary folder beside dst and
@@ -9,6 +9,11 @@ Weight mapping: transformers rotates interleaved rope pairs
 (2i, 2i+1) (`rope_interleave`, its default) where nanods rotates (i, i + D/2), so the rope rows of
 each query head and of the shared rope key are reordered [0, D/2, 1, D/2+1, ...]; routed experts
 are stored per expert (`mlp.experts.{e}.gate_proj/up_proj/down_proj`), as transformers saves them.
+
+`from_hf(src, dst)` reverses it: config.json (with transformers' defaults for absent keys) -> the
+NanoDeepSeekConfig of the same model, every tensor's shape checked against it from the safetensors
+headers before any data is read (per-expert or fused `mlp.experts.gate_up_proj` experts, one file or
+shards), tokenizer.json -> the byte tokenizer or a byte-level BPE, written as one checkpoint file.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from nanods import registry
 from nanods.atomic import umask
@@ -190,9 +198,6 @@ def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
     if tokenizer.kind == "bpe":
         return tokenizer.to_json()
     # the byte tokenizer as a byte-level BPE with no merges: id b is byte b, 256 is <|endoftext|>
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
     vocab = {char: b for b, char in byte_to_unicode().items()}
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -204,8 +209,6 @@ def hf_tokenizer_json(tokenizer: Tokenizer) -> str:
 
 
 def _save_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
-    from safetensors.torch import save_file
-
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(state):
@@ -252,7 +255,8 @@ def to_hf(src: str | Path, dst: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent))
     try:
         _save_weights(state, tmp)
-        (tmp / "config.json").write_text(json.dumps(hf_config(config, tokenizer, dtype), indent=2) + "\n")
+        exported = hf_config(config, tokenizer, dtype) | {NANODS_KEY: config.to_dict()}  # for a round trip back
+        (tmp / "config.json").write_text(json.dumps(exported, indent=2) + "\n")
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, "do_sample": False}
         real = config.tokenizer_vocab_size or len(tokenizer)
         if real < config.vocab_size:  # nanods never samples the padding ids; nor should generate()
@@ -280,3 +284,381 @@ def to_hf(src: str | Path, dst: str | Path) -> Path:
         raise
     return dst
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The other direction: a Hugging Face DeepseekV3ForCausalLM folder -> one nanods checkpoint file.
+
+# DeepseekV3Config's defaults (transformers 5.25): what transformers builds when config.json omits a key
+HF_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61, "num_attention_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3, "norm_topk_prob": True, "hidden_act": "silu", "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_interleave": True, "attention_bias": False,
+    "num_nextn_predict_layers": 1,
+}
+# the exported config.json keeps the nanods config under this key, so a round trip restores what
+# DeepseekV3 has no field for (n_kv_head, training-only fields, ...); it is used only while it agrees
+# with every field transformers reads
+NANODS_KEY = "nanods_config"
+
+
+def _hf_value(hf: dict[str, Any], key: str) -> Any:
+    value = hf.get(key, HF_DEFAULTS.get(key))
+    if value is None and key in ("n_group", "topk_group"):
+        return 1  # null: no expert groups
+    return HF_DEFAULTS.get(key) if value is None else value
+
+
+def _rope_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """rope_parameters (or the older rope_scaling + rope_theta) -> NanoDeepSeekConfig's rope_* fields."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise NanodsError(f"{where}: rope_parameters is not a JSON object")
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise NanodsError(f"{where}: per-layer rope_parameters are not supported (nanods uses one RoPE)")
+    theta = rope.get("rope_theta") or hf.get("rope_theta") or 10000.0
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if rope.get("partial_rotary_factor", 1.0) not in (None, 1, 1.0):
+        raise NanodsError(f"{where}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported (needs 1)")
+    if kind == "default":
+        return {"rope_theta": float(theta)}
+    if kind != "yarn":
+        raise NanodsError(f"{where}: rope_type '{kind}' is not supported (nanods has plain RoPE and YaRN)")
+    if rope.get("attention_factor") is not None:
+        raise NanodsError(f"{where}: an explicit YaRN attention_factor is not supported (nanods derives it from "
+                          "factor, mscale and mscale_all_dim)")
+    if rope.get("truncate", True) is not True:
+        raise NanodsError(f"{where}: YaRN with truncate=false is not supported")
+    original = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings") \
+        or _hf_value(hf, "max_position_embeddings")
+    factor = rope.get("factor")
+    if factor is None:
+        factor = _hf_value(hf, "max_position_embeddings") / original
+    return {"rope_theta": float(theta), "rope_factor": float(factor), "rope_original_len": int(original),
+            "rope_beta_fast": float(rope.get("beta_fast") or 32), "rope_beta_slow": float(rope.get("beta_slow") or 1),
+            # transformers: m(mscale)/m(mscale_all_dim) when both are set, else m(1); nanods' Rope has the same rule
+            "rope_mscale": float(rope.get("mscale") or 0.0), "rope_mscale_all_dim": float(rope.get("mscale_all_dim") or 0.0)}
+
+
+def nanods_config(hf: dict[str, Any], where: str = "config.json") -> NanoDeepSeekConfig:
+    """A DeepseekV3 config.json's values -> the NanoDeepSeekConfig of the same model (what transformers
+    reads, with its defaults for absent keys); what it cannot express is refused."""
+    if hf.get("model_type") != "deepseek_v3":
+        raise NanodsError(f"{where}: model_type is {hf.get('model_type')!r}, not 'deepseek_v3'; only "
+                          "DeepseekV3ForCausalLM folders can be imported")
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?") if isinstance(hf["quantization_config"], dict) else "?"
+        raise NanodsError(f"{where}: the weights are quantized ({method}, e.g. DeepSeek-V3's FP8); nanods imports "
+                          "unquantized float weights only: dequantize them to bf16 first")
+    if _hf_value(hf, "hidden_act") != "silu":
+        raise NanodsError(f"{where}: hidden_act '{hf.get('hidden_act')}' is not supported (needs 'silu': SwiGLU)")
+    if _hf_value(hf, "attention_bias"):
+        raise NanodsError(f"{where}: attention_bias=true is not supported (nanods' projections have no bias)")
+    if hf.get("scoring_func", "sigmoid") != "sigmoid":
+        raise NanodsError(f"{where}: scoring_func '{hf['scoring_func']}' is not supported (needs 'sigmoid')")
+    if _hf_value(hf, "num_experts_per_tok") == 1 and _hf_value(hf, "norm_topk_prob"):
+        raise NanodsError(f"{where}: norm_topk_prob=true with num_experts_per_tok=1 (every routing weight is 1) "
+                          "is not supported")
+    n_layer, first_dense = _hf_value(hf, "num_hidden_layers"), _hf_value(hf, "first_k_dense_replace")
+    moe = first_dense < n_layer
+    values = {
+        "sequence_len": _hf_value(hf, "max_position_embeddings"),
+        "vocab_size": _hf_value(hf, "vocab_size"),
+        "n_layer": n_layer,
+        "n_head": _hf_value(hf, "num_attention_heads"),
+        "n_kv_head": _hf_value(hf, "num_attention_heads"),  # meaningless for MLA
+        "n_embd": _hf_value(hf, "hidden_size"),
+        "kv_lora_rank": _hf_value(hf, "kv_lora_rank"),
+        "num_experts": _hf_value(hf, "n_routed_experts"),
+        "top_k": _hf_value(hf, "num_experts_per_tok"),
+        "attention": "mla",
+        "ffn": "moe" if moe else "dense",
+        "router": "sigmoid",
+        "norm_weights": True,
+        "norm_eps": float(_hf_value(hf, "rms_norm_eps")),
+        "activation": "swiglu",
+        "tie_embeddings": bool(_hf_value(hf, "tie_word_embeddings")),
+        "ffn_hidden": _hf_value(hf, "intermediate_size"),
+        "q_lora_rank": hf.get("q_lora_rank", HF_DEFAULTS["q_lora_rank"]) or 0,
+        "qk_rope_head_dim": _hf_value(hf, "qk_rope_head_dim"),
+        "qk_nope_head_dim": _hf_value(hf, "qk_nope_head_dim"),
+        "v_head_dim": _hf_value(hf, "v_head_dim"),
+        "n_shared_experts": _hf_value(hf, "n_shared_experts"),
+        "moe_hidden": _hf_value(hf, "moe_intermediate_size"),
+        "first_k_dense": first_dense if moe else 0,
+        "route_scale": float(_hf_value(hf, "routed_scaling_factor")),
+        "route_norm": bool(_hf_value(hf, "norm_topk_prob")),
+        "n_group": _hf_value(hf, "n_group"),
+        "topk_group": _hf_value(hf, "topk_group"),
+        **_rope_fields(hf, where),
+    }
+    return NanoDeepSeekConfig.from_dict(values, where)
+
+
+def deinterleave_rows(w: torch.Tensor, start: int, width: int, block: int) -> torch.Tensor:
+    """The inverse of interleave_rows: transformers' interleaved rope rows back to nanods' half-split ones."""
+    order = torch.arange(width).view(2, width // 2).t().reshape(-1)
+    inverse = torch.argsort(order)
+    w = w.clone()
+    blocks = w.view(-1, block, *w.shape[1:])
+    blocks[:, start:start + width] = blocks[:, start:start + width][:, inverse]
+    return w
+
+
+def hf_plan(config: NanoDeepSeekConfig, fused: set[int], interleaved: bool) -> tuple[
+        dict[str, tuple[int, ...]], dict[str, Any]]:
+    """({HF key: expected shape}, {nanods key: (HF keys, assemble)}) for the model config describes;
+    `fused`: the layers whose experts are stored as mlp.experts.gate_up_proj/down_proj."""
+    with torch.device("meta"):
+        model = NanoDeepSeek(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        shapes.pop("lm_head.weight")
+    hf: dict[str, tuple[int, ...]] = {}
+    plan: dict[str, Any] = {}
+    nope, rope = config.qk_nope_head_dim, config.qk_rope_head_dim
+
+    def same(ours: str, theirs: str, fix: Any = None) -> None:
+        hf[theirs] = shapes[ours]
+        plan[ours] = ([theirs], (lambda t: fix(t[0])) if fix else (lambda t: t[0]))
+
+    def swiglu(ours_in: str, ours_out: str, prefix: str) -> None:
+        rows, cols = shapes[ours_in]
+        hf[prefix + ".gate_proj.weight"] = hf[prefix + ".up_proj.weight"] = (rows // 2, cols)
+        hf[prefix + ".down_proj.weight"] = shapes[ours_out]
+        plan[ours_in] = ([prefix + ".gate_proj.weight", prefix + ".up_proj.weight"], lambda t: torch.cat(t, 0))
+        plan[ours_out] = ([prefix + ".down_proj.weight"], lambda t: t[0])
+
+    def rope_fix(start: int, width: int, block: int | None) -> Any:
+        if not interleaved:
+            return None
+        return lambda t: deinterleave_rows(t, start, width, block or t.shape[0])
+
+    same("embed.weight", "model.embed_tokens.weight")
+    for i in range(config.n_layer):
+        src, dst = f"blocks.{i}.", f"model.layers.{i}."
+        same(src + "attn_norm.weight", dst + "input_layernorm.weight")
+        same(src + "ffn_norm.weight", dst + "post_attention_layernorm.weight")
+        a, b = src + "attn.", dst + "self_attn."
+        if config.q_lora_rank:
+            same(a + "wq_a.weight", b + "q_a_proj.weight")
+            same(a + "q_norm.weight", b + "q_a_layernorm.weight")
+            same(a + "wq_b.weight", b + "q_b_proj.weight", rope_fix(nope, rope, nope + rope))
+        else:
+            same(a + "wq.weight", b + "q_proj.weight", rope_fix(nope, rope, nope + rope))
+        same(a + "wkv_a.weight", b + "kv_a_proj_with_mqa.weight", rope_fix(config.kv_lora_rank, rope, None))
+        same(a + "kv_norm.weight", b + "kv_a_layernorm.weight")
+        same(a + "wkv_b.weight", b + "kv_b_proj.weight")
+        same(a + "wo.weight", b + "o_proj.weight")
+        f, m = src + "ffn.", dst + "mlp"
+        if config.use_moe and i >= config.first_k_dense:
+            same(f + "router.weight", m + ".gate.weight")
+            same(f + "router.expert_bias", m + ".gate.e_score_correction_bias")
+            if i in fused:
+                same(f + "experts.w_in", m + ".experts.gate_up_proj")
+                same(f + "experts.w_out", m + ".experts.down_proj")
+            else:
+                n_exp, rows, cols = shapes[f + "experts.w_in"]
+                out_shape = shapes[f + "experts.w_out"][1:]
+                gates, ups, downs = [], [], []
+                for e in range(n_exp):
+                    p = f"{m}.experts.{e}"
+                    hf[p + ".gate_proj.weight"] = hf[p + ".up_proj.weight"] = (rows // 2, cols)
+                    hf[p + ".down_proj.weight"] = out_shape
+                    gates.append(p + ".gate_proj.weight"), ups.append(p + ".up_proj.weight")
+                    downs.append(p + ".down_proj.weight")
+                plan[f + "experts.w_in"] = (gates + ups, lambda t, n=n_exp: torch.cat(
+                    [torch.stack(t[:n]), torch.stack(t[n:])], dim=1))
+                plan[f + "experts.w_out"] = (downs, lambda t: torch.stack(t))
+            swiglu(f + "shared.w_in.weight", f + "shared.w_out.weight", m + ".shared_experts")
+        else:
+            swiglu(f + "w_in.weight", f + "w_out.weight", m)
+    same("norm.weight", "model.norm.weight")
+    if not config.tie_embeddings:
+        same("lm_head.weight", "lm_head.weight")
+    missing = shapes.keys() - plan.keys()
+    if missing:  # a config whose model has tensors DeepseekV3 lacks: nanods_config refuses those first
+        raise NanodsError(f"internal: no Hugging Face tensor for {sorted(missing)[:3]}")
+    return hf, plan
+
+
+def _hf_files(folder: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """{HF key: (shard, header entry)} from model.safetensors or the shards of model.safetensors.index.json."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise NanodsError(f"'{index}' is damaged: not a JSON object with a weight_map") from None
+        if any(Path(s).name != s for s in shards):
+            raise NanodsError(f"'{index}' names a shard outside its folder")
+    elif (folder / "model.safetensors").is_file():
+        weight_map, shards = None, ["model.safetensors"]
+    else:
+        raise NanodsError(f"'{folder}' has no model.safetensors nor model.safetensors.index.json (only safetensors "
+                          "weights are read, never pickled .bin files)")
+    found: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for shard in shards:
+        path = folder / shard
+        header, _ = read_header(path)  # refuses a missing, damaged or truncated shard
+        for key, info in header.items():
+            if key in found:
+                raise NanodsError(f"'{folder}' stores tensor '{key}' twice ({found[key][0].name} and {shard})")
+            found[key] = (path, info)
+    if weight_map is not None:
+        for key, shard in weight_map.items():
+            if key not in found or found[key][0].name != shard:
+                raise NanodsError(f"'{index}' places '{key}' in {shard}, which does not hold it")
+    return found
+
+
+def _hf_tokenizer(folder: Path, config: NanoDeepSeekConfig) -> Tokenizer:
+    """tokenizer.json -> the nanods tokenizer it is (the byte tokenizer as to_hf wrote it, or a byte-level BPE)."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise NanodsError(f"'{folder}' has no tokenizer.json; a nanods checkpoint carries its tokenizer: save one "
+                          "beside the model (tokenizer.save_pretrained) and convert again")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        obj = json.loads(text)
+        hf = HFTokenizer.from_str(text)
+    except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception)
+        raise NanodsError(f"'{path}' is not a tokenizer the tokenizers library reads "
+                          f"({str(e).splitlines()[0][:200]})") from None
+    if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and obj["model"].get("type") == "BPE"):
+        raise NanodsError(f"'{path}' is not a byte-level BPE; nanods can only hold a byte-level BPE with {EOT}")
+    if hf.token_to_id(EOT) is None:
+        raise NanodsError(f"'{path}' has no {EOT} token; nanods can only hold a byte-level BPE with {EOT} "
+                          "as its document separator")
+    special = {t.content for t in hf.get_added_tokens_decoder().values()}
+    alphabet = byte_to_unicode()
+    vocab = hf.get_vocab(with_added_tokens=True)
+    if sorted(vocab.values()) != list(range(len(vocab))) or any(
+            t not in special and not set(t) <= set(alphabet.values()) for t in vocab):
+        raise NanodsError(f"'{path}' is not a byte-level BPE (tokens outside GPT-2's byte alphabet, or gaps "
+                          f"in its ids); nanods can only hold a byte-level BPE with {EOT}")
+    if not obj["model"].get("merges") and vocab == {**{c: b for b, c in alphabet.items()}, EOT: N_BYTES}:
+        tokenizer = Tokenizer()  # nanods' byte tokenizer, as to_hf writes it
+    else:
+        tokenizer = Tokenizer(hf)
+    probe = "Hello, wörld ✓\n\t  x <|endoftext|>"
+    if tokenizer.decode(tokenizer.encode(probe)) != probe or (
+            tokenizer.kind == "byte" and Tokenizer(hf).encode(probe) != tokenizer.encode(probe)):
+        raise NanodsError(f"'{path}' does not decode what it encodes byte for byte; nanods can only hold a "
+                          f"byte-level BPE with {EOT}")
+    if len(tokenizer) > config.vocab_size:
+        raise NanodsError(f"'{path}' has {len(tokenizer):,} ids but the model's vocab_size is {config.vocab_size:,}")
+    return tokenizer
+
+
+def _stored_config(hf: dict[str, Any], derived: NanoDeepSeekConfig, tokenizer: Tokenizer) -> NanoDeepSeekConfig:
+    """The nanods config to_hf kept in config.json, when it describes this very model; else `derived`
+    with the tokenizer's real size."""
+    fallback = NanoDeepSeekConfig(**{**derived.to_dict(), "tokenizer_vocab_size": len(tokenizer)})
+    stored = hf.get(NANODS_KEY)
+    if not isinstance(stored, dict):
+        return fallback
+    try:
+        config = NanoDeepSeekConfig.from_dict(stored, NANODS_KEY)
+    except NanodsError:
+        return fallback
+    agrees = (not unsupported(config) and hf_config(config, tokenizer, torch.float32) == hf_config(
+        derived, tokenizer, torch.float32) and len(tokenizer) == (config.tokenizer_vocab_size or len(tokenizer)))
+    return config if agrees else fallback
+
+
+def from_hf(src: str | Path, dst: str | Path) -> Path:
+    """Convert the Hugging Face DeepseekV3ForCausalLM folder src to a new nanods checkpoint file dst."""
+    import uuid
+
+    from safetensors import safe_open
+    from safetensors.torch import save as save_bytes
+
+    from nanods.atomic import atomic_write
+    from nanods.checkpoint import _weights, check_tensor, weights_metadata
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists() or dst.is_symlink():
+        raise NanodsError(f"'{dst}' already exists; give a new .safetensors file (nothing is overwritten)")
+    if dst.suffix != ".safetensors":
+        raise NanodsError(f"'{dst}': give a new .safetensors file for the nanods checkpoint")
+    try:
+        hf = json.loads((src / "config.json").read_text())
+    except FileNotFoundError:
+        raise NanodsError(f"'{src}' has no config.json; give a Hugging Face model folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanodsError(f"'{src / 'config.json'}' is not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise NanodsError(f"'{src / 'config.json'}' is not a JSON object")
+    where = str(src / "config.json")
+    derived = nanods_config(hf, where)
+    tokenizer = _hf_tokenizer(src, derived)
+    config = _stored_config(hf, derived, tokenizer)
+    found = _hf_files(src)
+    n_layer = config.n_layer
+    mtp = range(n_layer, n_layer + (_hf_value(hf, "num_nextn_predict_layers") or 0))
+    ignored = {k for k in found if k.endswith("rotary_emb.inv_freq")
+               or any(k.startswith(f"model.layers.{i}.") for i in mtp)}  # multi-token prediction: not imported
+    if config.tie_embeddings:
+        ignored.add("lm_head.weight")  # transformers ties it to the embedding, as nanods does
+    fused = {i for i in range(n_layer) if f"model.layers.{i}.mlp.experts.gate_up_proj" in found}
+    shapes, plan = hf_plan(config, fused, _hf_value(hf, "rope_interleave") is not False)
+    present = found.keys() - ignored
+    missing, unexpected = sorted(shapes.keys() - present), sorted(present - shapes.keys())
+    if missing or unexpected:
+        raise NanodsError(f"'{src}' does not match its config.json: missing {missing[:3]}"
+                          f"{f' (+{len(missing) - 3})' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                          f"{f' (+{len(unexpected) - 3})' if len(unexpected) > 3 else ''}")
+    for key, shape in shapes.items():
+        path, info = found[key]
+        if tuple(info["shape"]) != shape:
+            raise NanodsError(f"'{path}' does not fit its config.json: tensor '{key}' is {info['shape']}, "
+                              f"expected {list(shape)}")
+        if info["dtype"] not in ("F32", "BF16", "F16", "F64"):
+            raise NanodsError(f"'{path}': tensor '{key}' is {info['dtype']}; nanods imports float weights only "
+                              "(dequantize FP8 weights to bf16 first)")
+    handles: dict[Path, Any] = {}
+    try:
+        for path, _ in found.values():
+            if path not in handles:
+                handles[path] = safe_open(str(path), "pt")
+
+        def tensor(key: str) -> torch.Tensor:
+            return handles[found[key][0]].get_tensor(key).float()
+
+        with torch.device("meta"):
+            expected = NanoDeepSeek(config).state_dict()
+        state = {}
+        for ours, (keys, assemble) in plan.items():
+            state[ours] = assemble([tensor(k) for k in keys]).to(expected[ours].dtype).contiguous()
+            check_tensor(found[keys[0]][0], ours, state[ours], expected[ours].shape, expected[ours].dtype,
+                         f"from {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else ""))
+    finally:
+        handles.clear()
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]  # _weights drops it again, as save does
+    meta = weights_metadata(config, tokenizer, 0, {"converted_from": str(src)}, None)
+    meta["nanods.run"] = uuid.uuid4().hex[:16]
+    data = save_bytes(_weights(state, config), meta)
+    if dst.exists() or dst.is_symlink():
+        raise NanodsError(f"'{dst}' appeared while converting; nothing is overwritten")
+    atomic_write(dst, data)
+    return dst
+
+
+def convert(src: str | Path, dst: str | Path) -> Path:
+    """`nanods convert`: a Hugging Face folder (with config.json) -> a nanods checkpoint file, or a nanods
+    checkpoint (or run folder) -> a Hugging Face folder."""
+    src = Path(src)
+    if src.is_dir() and not (src / WEIGHTS).is_file():
+        if not (src / "config.json").is_file():
+            raise NanodsError(f"'{src}' holds neither a nanods {WEIGHTS} nor a Hugging Face config.json; give a "
+                              "checkpoint, a run folder or a Hugging Face model folder")
+        return from_hf(src, dst)
+    return to_hf(src, dst)

@@ -194,3 +194,235 @@ def test_a_plugin_component_is_refused_even_under_a_built_in_name(monkeypatch):
     monkeypatch.setattr(registry, "describe", lambda c: {**real(c), "router": {"name": "sigmoid", "dist": "my-plugin",
                                                                                "version": "1"}})
     assert unsupported(config) == ["router='sigmoid' from my-plugin (needs nanods' built-in 'sigmoid')"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The other direction: a Hugging Face folder (save_pretrained) -> a nanods checkpoint file.
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.7, "mscale_all_dim": 0.7}
+HF_TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=192, moe_intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, kv_lora_rank=32,
+               q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1,
+               num_experts_per_tok=2, first_k_dense_replace=0, max_position_embeddings=64, routed_scaling_factor=1.5)
+HF_CONFIGS = {
+    "yarn": dict(rope_parameters=YARN),
+    "plain_tied": dict(tie_word_embeddings=True, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default",
+                                                                                    "rope_theta": 5000.0}),
+    "q_lora_null": dict(q_lora_rank=None, rope_parameters=YARN),
+    "not_interleaved": dict(rope_interleave=False, rope_parameters=YARN),
+    "first_dense_groups": dict(first_k_dense_replace=1, n_routed_experts=8, n_group=4, topk_group=2,
+                               num_experts_per_tok=3, norm_topk_prob=False, routed_scaling_factor=2.5),
+}
+
+
+def _hf_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = transformers.DeepseekV3Config(**{**HF_TINY, **overrides})
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():  # norms and expert biases away from ones and zeros, so a missed copy shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.uniform_(-0.05, 0.05)
+    return model
+
+
+def _hf_folder(path, model, **save):
+    from nanods.convert import hf_tokenizer_json
+
+    transformers.utils.logging.disable_progress_bar()  # its bars go to stderr, which the tests read
+    model.save_pretrained(path, **save)
+    (path / "tokenizer.json").write_text(hf_tokenizer_json(byte_tokenizer()))
+    return path
+
+
+def _logit_delta(ours, theirs, seed=1):
+    torch.manual_seed(seed)
+    idx = torch.randint(0, 257, (2, 40))
+    with torch.no_grad():
+        return (ours(idx) - theirs(idx).logits).abs().max().item()
+
+
+def _one_line_failure(args, capsys):
+    code, _out, err = main_in_process(args, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_a_transformers_folder_imports_to_the_same_model(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    hf = _hf_model(list(HF_CONFIGS).index(name), **HF_CONFIGS[name])
+    _hf_folder(tmp_path / "hf", hf)
+    code, out, err = main_in_process(["convert", "hf", "ours.safetensors"], capsys)
+    assert code == 0 and "ours.safetensors" in out, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "ours.safetensors"]  # one file, no temporaries
+    model, tokenizer = checkpoint.load(tmp_path / "ours.safetensors")
+    assert tokenizer.kind == "byte" and model.config.tokenizer_vocab_size == 257
+    delta = _logit_delta(model, hf)
+    with capsys.disabled():
+        print(f"imported {name}: max |dlogit| = {delta:.2e}")
+    assert delta <= 1e-4, delta
+    code, out, err = main_in_process(["inspect", "ours.safetensors"], capsys)
+    assert code == 0, err
+    code, out, err = main_in_process(["sample", "ours.safetensors", "--prompt", "ab", "--max-new-tokens", "4",
+                                      "--temperature", "0"], capsys)
+    assert code == 0, err
+
+
+def test_fused_experts_and_shards_import(tmp_path):
+    from safetensors.torch import save_file
+
+    from nanods.convert import from_hf
+
+    hf = _hf_model(3, **HF_CONFIGS["yarn"])
+    sharded = _hf_folder(tmp_path / "sharded", hf, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    fused = _hf_folder(tmp_path / "fused", hf)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}  # in memory: experts.gate_up_proj / down_proj
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    models = [checkpoint.load(from_hf(folder, tmp_path / f"{folder.name}.safetensors"))[0]
+              for folder in (sharded, fused)]
+    for model in models:
+        assert _logit_delta(model, hf) <= 1e-4
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_the_older_rope_scaling_and_a_resaved_tokenizer_import(tmp_path):
+    from nanods.convert import from_hf
+
+    hf = _hf_model(4, **HF_CONFIGS["yarn"])
+    folder = _hf_folder(tmp_path / "hf", hf)
+    config = json.loads((folder / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}  # as DeepSeek-V3's own config.json has it
+    (folder / "config.json").write_text(json.dumps(config))
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    (folder / "tokenizer.json").write_text(json.dumps(tok, indent=1))  # same tokenizer, other formatting
+    model, tokenizer = checkpoint.load(from_hf(folder, tmp_path / "ours.safetensors"))
+    assert model.config.rope_factor == 4 and model.config.rope_mscale == 0.7 and tokenizer.kind == "byte"
+    assert _logit_delta(model, hf) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["q_lora", "no_q_lora", "all_dense", "yarn", "groups"])
+def test_a_round_trip_is_bit_identical(name, tmp_path):
+    from nanods.convert import from_hf
+
+    model = _random_model(list(CONFIGS).index(name), **CONFIGS[name]).eval()
+    src = _save(tmp_path, model)
+    back = from_hf(to_hf(src, tmp_path / "hf"), tmp_path / "back.safetensors")
+    again, tokenizer = checkpoint.load(back)
+    assert again.config == model.config and tokenizer.fingerprint() == byte_tokenizer().fingerprint()
+    ours, theirs = model.state_dict(), again.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+
+
+def test_a_bpe_round_trips_and_an_edited_config_wins(tmp_path):
+    from nanods.convert import NANODS_KEY, from_hf
+
+    texts = ["def main():\n    return 42\n", "héllo wörld <|endoftext|> ünïcode ✓"] * 20
+    bpe = train_bpe(texts, 300)
+    model = _random_model(0, **{**CONFIGS["q_lora"], "tokenizer_vocab_size": len(bpe)}).eval()
+    hf = to_hf(_save(tmp_path, model, bpe), tmp_path / "hf")
+    again, tokenizer = checkpoint.load(from_hf(hf, tmp_path / "a.safetensors"))
+    assert tokenizer.fingerprint() == bpe.fingerprint() and again.config == model.config
+    config = json.loads((hf / "config.json").read_text())
+    config.pop(NANODS_KEY)  # a folder from elsewhere: the config comes from DeepseekV3's fields alone
+    (hf / "config.json").write_text(json.dumps(config))
+    plain, _ = checkpoint.load(from_hf(hf, tmp_path / "b.safetensors"))
+    idx = torch.randint(0, len(bpe), (1, 24))
+    with torch.no_grad():
+        assert torch.equal(plain(idx), model(idx))
+    config[NANODS_KEY] = {**model.config.to_dict(), "n_embd": 128}  # disagrees with hidden_size: ignored
+    (hf / "config.json").write_text(json.dumps(config))
+    edited, _ = checkpoint.load(from_hf(hf, tmp_path / "c.safetensors"))
+    assert edited.config.n_embd == 64
+
+
+def _break(case, hf):
+    """Damage the folder hf one way; returns the words its one-line refusal must hold."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((hf / "config.json").read_text())
+    weights = hf / "model.safetensors"
+    if case == "no_config":
+        (hf / "config.json").unlink()
+        return ["config.json"]
+    if case == "model_type":
+        config["model_type"] = "llama"
+    elif case == "fp8":
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    elif case == "shape":
+        config["moe_intermediate_size"] = 48
+    elif case == "rope_type":
+        config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
+    elif case == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[:-100])
+        return ["truncated"]
+    elif case in ("missing", "unexpected"):
+        state = load_file(str(weights))
+        if case == "missing":
+            state.pop("model.layers.1.self_attn.o_proj.weight")
+        else:
+            state["model.layers.1.self_attn.extra.weight"] = torch.zeros(2)
+        save_file(state, str(weights))
+        return [case, "o_proj" if case == "missing" else "extra"]
+    elif case == "no_tokenizer":
+        (hf / "tokenizer.json").unlink()
+        return ["tokenizer.json"]
+    elif case == "no_eot":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = json.loads((hf / "tokenizer.json").read_text())
+        tok["added_tokens"] = []
+        (hf / "tokenizer.json").write_text(HFTokenizer.from_str(json.dumps(tok)).to_str())
+        return ["<|endoftext|>"]
+    (hf / "config.json").write_text(json.dumps(config))
+    return {"model_type": ["llama", "deepseek_v3"], "fp8": ["quantized", "fp8"],
+            "shape": ["gate_proj", "[32, 64]", "[48, 64]"], "rope_type": ["llama3"]}[case]
+
+
+@pytest.mark.parametrize("case", ["no_config", "model_type", "fp8", "shape", "rope_type", "truncated", "missing",
+                                  "unexpected", "no_tokenizer", "no_eot"])
+def test_a_bad_folder_is_one_line_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _hf_folder(tmp_path / "hf", _hf_model(0, **HF_CONFIGS["yarn"]))
+    words = _break(case, tmp_path / "hf")
+    line = _one_line_failure(["convert", "hf", "ours.safetensors"], capsys)
+    assert all(w in line for w in words), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_an_existing_checkpoint_is_not_overwritten(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _hf_folder(tmp_path / "hf", _hf_model(0))
+    (tmp_path / "ours.safetensors").write_text("mine")
+    line = _one_line_failure(["convert", "hf", "ours.safetensors"], capsys)
+    assert "already exists" in line
+    assert (tmp_path / "ours.safetensors").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "ours.safetensors"]
+    (tmp_path / "empty").mkdir()
+    line = _one_line_failure(["convert", "empty", "x.safetensors"], capsys)
+    assert "config.json" in line and not (tmp_path / "x.safetensors").exists()
+
+
+def test_an_imported_checkpoint_starts_a_new_run(tmp_path, corpus):
+    from conftest import losses, project
+
+    from nanods.convert import from_hf
+    from nanods.train.loop import RunOptions, train
+
+    hf = _hf_folder(tmp_path / "hf", _hf_model(0, **HF_CONFIGS["yarn"]))
+    ckpt = from_hf(hf, tmp_path / "ours.safetensors")
+    train(project(corpus, tmp_path / "run", "train.steps=2", "train.eval_every=2"), RunOptions(init_from=str(ckpt)))
+    assert losses(tmp_path / "run") and checkpoint.load(tmp_path / "run" / "ckpt.safetensors")[0].config.rope_factor == 4
