@@ -23,8 +23,9 @@ def create_nano_deepseek(scale: str = "base", **overrides: Any) -> NanoDeepSeek:
     return NanoDeepSeek(NanoDeepSeekConfig(**{**preset(scale), **overrides}))
 
 
-def load(path: str, device: str = "cpu") -> tuple[NanoDeepSeek, Tokenizer]:
-    """A checkpoint -> (model in eval mode, tokenizer); reads safetensors only, never pickle."""
+def load(path: str, device: str = "cpu") -> tuple[NanoDeepSeek, Tokenizer | None]:
+    """A checkpoint -> (model in eval mode, tokenizer, or None for a model imported without one);
+    reads safetensors only, never pickle."""
     from nanods.checkpoint import load as load_checkpoint
 
     return load_checkpoint(path, device)

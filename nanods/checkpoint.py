@@ -38,23 +38,26 @@ def state_path(out_dir: Path, step: int) -> Path:
     return out_dir / f"train_state_{step:07d}.safetensors"
 
 
-def weights_metadata(config: NanoDeepSeekConfig, tokenizer: Tokenizer, step: int, data: dict[str, Any],
+def weights_metadata(config: NanoDeepSeekConfig, tokenizer: Tokenizer | None, step: int, data: dict[str, Any],
                      expert_load: list[list[float]] | None) -> dict[str, str]:
+    """The metadata of a weights file (no tokenizer: a model imported without one)."""
     meta = {
         "nanods.config": config.to_json(),
-        "nanods.tokenizer": tokenizer.to_json(),
         "nanods.version": md.version("nanods"),  # as installed, like the components' provenance
         "nanods.format": FORMAT,
         "nanods.step": str(step),
         "nanods.components": json.dumps(registry.describe(config)),
         "nanods.data": json.dumps(data),
     }
+    if tokenizer is not None:
+        meta["nanods.tokenizer"] = tokenizer.to_json()
     if expert_load is not None:
         meta["nanods.expert_load"] = json.dumps(expert_load)
     return meta
 
 
-def _weights(state: dict[str, torch.Tensor], config: NanoDeepSeekConfig) -> dict[str, torch.Tensor]:
+def stored_weights(state: dict[str, torch.Tensor], config: NanoDeepSeekConfig) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint file holds: on the CPU, contiguous, a tied head once (as embed.weight)."""
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if config.tie_embeddings:
         state.pop("lm_head.weight")  # the same storage as embed.weight; restored by tying on load
@@ -80,7 +83,7 @@ def save(out_dir: str | Path, weights: NanoDeepSeek | dict[str, torch.Tensor], c
                                            {"nanods.train": json.dumps(train_meta), "nanods.step": str(step),
                                             "nanods.run": run_id}))
         meta = weights_metadata(config, tokenizer, step, data, expert_load) | {"nanods.run": run_id}
-        atomic_write(path, save_bytes(_weights(weights, config), meta))
+        atomic_write(path, save_bytes(stored_weights(weights, config), meta))
     except BaseException:
         if added and not _holds(path, step, run_id):  # atomic_write may fail after its replace (the folder fsync)
             new_state.unlink(missing_ok=True)
@@ -196,9 +199,10 @@ def _describe(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> str:
     return f"{list(shape)} {str(dtype).removeprefix('torch.')}"
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[NanoDeepSeek, Tokenizer]:
-    """A checkpoint -> (model in eval mode, tokenizer). Reads tensors with safetensors only (no pickle),
-    and checks every name, shape, dtype and value against the model its config describes before use."""
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[NanoDeepSeek, Tokenizer | None]:
+    """A checkpoint -> (model in eval mode, tokenizer; None for a model imported without one). Reads tensors
+    with safetensors only (no pickle), and checks every name, shape, dtype and value against the model its
+    config describes before use."""
     path = Path(path)
     _, metadata = read_header(path)
     config = config_from_metadata(metadata, path)
@@ -206,7 +210,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[NanoDeep
     if config.use_moe and stored != FORMAT:
         raise NanodsError(f"'{path}' stores routed experts in checkpoint format {stored} (E, in, out); "
                           f"this nanods reads format {FORMAT} (E, out, in): train it again")
-    tokenizer = _tokenizer(metadata, path, config)
+    tokenizer = _tokenizer(metadata, path, config) if "nanods.tokenizer" in metadata else None
     with torch.device("meta"):
         model = NanoDeepSeek(config)
     expected = model.state_dict()  # names, shapes and dtypes, nothing allocated

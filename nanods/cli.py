@@ -266,6 +266,10 @@ def sample(
         raise NanodsError(f"'{ckpt}' is text, not a checkpoint; give the ckpt.safetensors that "
                           "`nanods train` wrote, or its run folder")
     model, tokenizer = load(ckpt, resolve_device(device))
+    if tokenizer is None:
+        raise NanodsError(f"'{ckpt}' holds no tokenizer (it was imported from a Hugging Face folder without a "
+                          "tokenizer.json), so there is no text to sample; convert that folder again with its "
+                          "tokenizer.json (nanods inspect works on it as it is)")
     prompt_text = read_prompt(prompt, prompt_file)
     ids = [tokenizer.eot_id] + tokenizer.encode(prompt_text)
     max_new_tokens = fit_sampling(model, len(ids), num_samples, max_new_tokens, sources["max_new_tokens"],

@@ -22,17 +22,27 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanods import registry
-from nanods.atomic import umask
-from nanods.checkpoint import WEIGHTS, config_from_metadata, load
+from nanods.atomic import atomic_write, umask
+from nanods.checkpoint import (
+    WEIGHTS,
+    check_tensor,
+    config_from_metadata,
+    load,
+    stored_weights,
+    weights_metadata,
+)
 from nanods.config import NanoDeepSeekConfig, short_name
 from nanods.errors import NanodsError
 from nanods.inspect import file_kind
@@ -85,7 +95,7 @@ def check_convertible(config: NanoDeepSeekConfig) -> None:
                           + " (`--profile deepseek` trains a model it can hold)")
 
 
-def hf_config(config: NanoDeepSeekConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str, Any]:
+def hf_config(config: NanoDeepSeekConfig, eot_id: int | None, dtype: torch.dtype) -> dict[str, Any]:
     moe = short_name(config.ffn) == "moe"
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(config.rope_theta)}
     if config.rope_factor != 1:
@@ -127,8 +137,8 @@ def hf_config(config: NanoDeepSeekConfig, tokenizer: Tokenizer, dtype: torch.dty
         "attention_dropout": 0.0,
         "num_nextn_predict_layers": 0,
         "tie_word_embeddings": bool(config.tie_embeddings),
-        "bos_token_id": tokenizer.eot_id,
-        "eos_token_id": tokenizer.eot_id,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
         "pad_token_id": None,
         "use_cache": True,
         "dtype": str(dtype).removeprefix("torch."),
@@ -247,6 +257,9 @@ def to_hf(src: str | Path, dst: str | Path) -> Path:
     path = resolve_source(src)
     check_convertible(config_from_metadata(read_header(path)[1], path))  # refused before loading or writing
     model, tokenizer = load(path)
+    if tokenizer is None:
+        raise NanodsError(f"'{path}' holds no tokenizer (it was imported without a tokenizer.json), and a Hugging "
+                          "Face folder needs one; convert the original folder with its tokenizer.json")
     config = model.config
     state = hf_state(model)
     dtype = state["model.embed_tokens.weight"].dtype
@@ -255,7 +268,7 @@ def to_hf(src: str | Path, dst: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=parent))
     try:
         _save_weights(state, tmp)
-        exported = hf_config(config, tokenizer, dtype) | {NANODS_KEY: config.to_dict()}  # for a round trip back
+        exported = hf_config(config, tokenizer.eot_id, dtype) | {NANODS_KEY: config.to_dict()}  # for a round trip back
         (tmp / "config.json").write_text(json.dumps(exported, indent=2) + "\n")
         generation = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, "do_sample": False}
         real = config.tokenizer_vocab_size or len(tokenizer)
@@ -516,14 +529,12 @@ def _hf_files(folder: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
     return found
 
 
-def _hf_tokenizer(folder: Path, config: NanoDeepSeekConfig) -> Tokenizer:
-    """tokenizer.json -> the nanods tokenizer it is (the byte tokenizer as to_hf wrote it, or a byte-level BPE)."""
+def _hf_tokenizer(folder: Path, config: NanoDeepSeekConfig) -> Tokenizer | None:
+    """tokenizer.json -> the nanods tokenizer it is (the byte tokenizer as to_hf wrote it, or a byte-level BPE);
+    None without a tokenizer.json."""
     path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise NanodsError(f"'{folder}' has no tokenizer.json; a nanods checkpoint carries its tokenizer: save one "
-                          "beside the model (tokenizer.save_pretrained) and convert again")
-    from tokenizers import Tokenizer as HFTokenizer
-
+    if not path.is_file():  # imported without one: inspect works, sample and train --init-from refuse
+        return None
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
         obj = json.loads(text)
@@ -557,10 +568,12 @@ def _hf_tokenizer(folder: Path, config: NanoDeepSeekConfig) -> Tokenizer:
     return tokenizer
 
 
-def _stored_config(hf: dict[str, Any], derived: NanoDeepSeekConfig, tokenizer: Tokenizer) -> NanoDeepSeekConfig:
+def _stored_config(hf: dict[str, Any], derived: NanoDeepSeekConfig, tokenizer: Tokenizer | None
+                   ) -> NanoDeepSeekConfig:
     """The nanods config to_hf kept in config.json, when it describes this very model; else `derived`
     with the tokenizer's real size."""
-    fallback = NanoDeepSeekConfig(**{**derived.to_dict(), "tokenizer_vocab_size": len(tokenizer)})
+    real = len(tokenizer) if tokenizer is not None else None
+    fallback = NanoDeepSeekConfig(**{**derived.to_dict(), "tokenizer_vocab_size": real})
     stored = hf.get(NANODS_KEY)
     if not isinstance(stored, dict):
         return fallback
@@ -568,21 +581,14 @@ def _stored_config(hf: dict[str, Any], derived: NanoDeepSeekConfig, tokenizer: T
         config = NanoDeepSeekConfig.from_dict(stored, NANODS_KEY)
     except NanodsError:
         return fallback
-    agrees = (not unsupported(config) and hf_config(config, tokenizer, torch.float32) == hf_config(
-        derived, tokenizer, torch.float32) and len(tokenizer) == (config.tokenizer_vocab_size or len(tokenizer)))
+    eot = tokenizer.eot_id if tokenizer is not None else None
+    agrees = (not unsupported(config) and hf_config(config, eot, torch.float32) == hf_config(derived, eot, torch.float32)
+              and real == (config.tokenizer_vocab_size or real))
     return config if agrees else fallback
 
 
 def from_hf(src: str | Path, dst: str | Path) -> Path:
     """Convert the Hugging Face DeepseekV3ForCausalLM folder src to a new nanods checkpoint file dst."""
-    import uuid
-
-    from safetensors import safe_open
-    from safetensors.torch import save as save_bytes
-
-    from nanods.atomic import atomic_write
-    from nanods.checkpoint import _weights, check_tensor, weights_metadata
-
     src, dst = Path(src), Path(dst)
     if dst.exists() or dst.is_symlink():
         raise NanodsError(f"'{dst}' already exists; give a new .safetensors file (nothing is overwritten)")
@@ -642,10 +648,10 @@ def from_hf(src: str | Path, dst: str | Path) -> Path:
     finally:
         handles.clear()
     if config.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]  # _weights drops it again, as save does
+        state["lm_head.weight"] = state["embed.weight"]  # stored_weights drops it again, as save does
     meta = weights_metadata(config, tokenizer, 0, {"converted_from": str(src)}, None)
     meta["nanods.run"] = uuid.uuid4().hex[:16]
-    data = save_bytes(_weights(state, config), meta)
+    data = save_bytes(stored_weights(state, config), meta)
     if dst.exists() or dst.is_symlink():
         raise NanodsError(f"'{dst}' appeared while converting; nothing is overwritten")
     atomic_write(dst, data)

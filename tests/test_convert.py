@@ -1,4 +1,4 @@
-"""`nanods convert`: a nanods checkpoint -> a Hugging Face DeepseekV3ForCausalLM folder."""
+"""`nanods convert`: a nanods checkpoint <-> a Hugging Face DeepseekV3ForCausalLM folder."""
 
 import json
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import build, main_in_process
 
+import nanods
 from nanods import checkpoint
 from nanods.convert import to_hf
 from nanods.errors import NanodsError
@@ -377,9 +378,6 @@ def _break(case, hf):
             state["model.layers.1.self_attn.extra.weight"] = torch.zeros(2)
         save_file(state, str(weights))
         return [case, "o_proj" if case == "missing" else "extra"]
-    elif case == "no_tokenizer":
-        (hf / "tokenizer.json").unlink()
-        return ["tokenizer.json"]
     elif case == "no_eot":
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -393,7 +391,7 @@ def _break(case, hf):
 
 
 @pytest.mark.parametrize("case", ["no_config", "model_type", "fp8", "shape", "rope_type", "truncated", "missing",
-                                  "unexpected", "no_tokenizer", "no_eot"])
+                                  "unexpected", "no_eot"])
 def test_a_bad_folder_is_one_line_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     _hf_folder(tmp_path / "hf", _hf_model(0, **HF_CONFIGS["yarn"]))
@@ -401,6 +399,28 @@ def test_a_bad_folder_is_one_line_and_writes_nothing(case, tmp_path, monkeypatch
     line = _one_line_failure(["convert", "hf", "ours.safetensors"], capsys)
     assert all(w in line for w in words), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_folder_without_a_tokenizer_imports_for_inspect_only(tmp_path, monkeypatch, capsys):
+    """No tokenizer.json: the model imports and inspects; sample, train --init-from and the export back refuse."""
+    monkeypatch.chdir(tmp_path)
+    hf = _hf_model(0, **HF_CONFIGS["yarn"])
+    _hf_folder(tmp_path / "hf", hf)
+    (tmp_path / "hf" / "tokenizer.json").unlink()
+    code, out, err = main_in_process(["convert", "hf", "ours.safetensors"], capsys)
+    assert code == 0, err
+    model, tokenizer = nanods.load(tmp_path / "ours.safetensors")
+    assert tokenizer is None and model.config.tokenizer_vocab_size is None
+    assert _logit_delta(model, hf) <= 1e-4
+    code, out, err = main_in_process(["inspect", "ours.safetensors"], capsys)
+    assert code == 0, err
+    assert "no tokenizer" in _one_line_failure(["sample", "ours.safetensors", "--prompt", "ab"], capsys)
+    assert "no tokenizer" in _one_line_failure(["convert", "ours.safetensors", "back"], capsys)
+    assert not (tmp_path / "back").exists()
+    code, out, err = main_in_process(["train", "--init-from", "ours.safetensors", "--out", "run", "--steps", "1"],
+                                     capsys)  # refused before any data is read: one error line after the device line
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and "no tokenizer" in errors[0] and "Traceback" not in err, err
 
 
 def test_an_existing_checkpoint_is_not_overwritten(tmp_path, monkeypatch, capsys):

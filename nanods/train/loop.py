@@ -267,6 +267,10 @@ class Trainer:
         if not path.is_file():
             raise NanodsError(f"--init-from '{path}' not found")
         source = self._read_checkpoint(path)
+        if source["tokenizer"] is None:
+            raise NanodsError(f"--init-from '{path}' holds no tokenizer (it was imported without a tokenizer.json), "
+                              "and training needs the one its weights were trained with; convert the original "
+                              "folder again with its tokenizer.json")
         stored = source["config"].to_dict()
         given = {k: v for k, v in self.opts.explicit.get("model", {}).items() if k not in ("scale", "profile")}
         changed = [f"model.{k}: {stored.get(k)!r} -> {v!r}" for k, v in given.items() if stored.get(k) != v]
