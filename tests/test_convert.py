@@ -214,6 +214,7 @@ HF_CONFIGS = {
     "not_interleaved": dict(rope_interleave=False, rope_parameters=YARN),
     "first_dense_groups": dict(first_k_dense_replace=1, n_routed_experts=8, n_group=4, topk_group=2,
                                num_experts_per_tok=3, norm_topk_prob=False, routed_scaling_factor=2.5),
+    "two_dense": dict(first_k_dense_replace=2, tie_word_embeddings=True),  # every layer dense
 }
 
 
@@ -268,6 +269,11 @@ def test_a_transformers_folder_imports_to_the_same_model(name, tmp_path, monkeyp
     with capsys.disabled():
         print(f"imported {name}: max |dlogit| = {delta:.2e}")
     assert delta <= 1e-4, delta
+    prompt = torch.randint(0, 257, (1, 8))
+    want = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None,
+                       attention_mask=torch.ones_like(prompt),  # nanods never samples ids past its tokenizer's
+                       suppress_tokens=list(range(257, 320)))[0, 8:].tolist()
+    assert model.generate(prompt, 20, temperature=0)[0, 8:].tolist() == want  # nanods' cached decode
     code, out, err = main_in_process(["inspect", "ours.safetensors"], capsys)
     assert code == 0, err
     code, out, err = main_in_process(["sample", "ours.safetensors", "--prompt", "ab", "--max-new-tokens", "4",
