@@ -245,6 +245,8 @@ class Trainer:
     def _read_checkpoint(self, path: Path) -> dict[str, Any]:
         model, tokenizer = checkpoint.load(path, "cpu")
         _, meta = checkpoint.read_header(path)
+        if tokenizer is None and self.opts.resume:  # a run's own checkpoint always holds its tokenizer
+            checkpoint.metadata_text(meta, "nanods.tokenizer", path)  # raises: damaged, naming the key
         return {"config": model.config, "tokenizer": tokenizer, "weights": model.state_dict(),
                 "step": checkpoint.metadata_step(meta, path), "run_id": checkpoint.metadata_run(meta)}
 
