@@ -145,10 +145,12 @@ def hf_config(config: NanoDeepSeekConfig, eot_id: int | None, dtype: torch.dtype
     }
 
 
-def interleave_rows(w: torch.Tensor, start: int, width: int, block: int) -> torch.Tensor:
+def interleave_rows(w: torch.Tensor, start: int, width: int, block: int, inverse: bool = False) -> torch.Tensor:
     """Reorder rows [start, start + width) of every `block` rows from nanods' half-split rope layout
-    (pairs (i, i + width/2)) to transformers' interleaved one (pairs (2i, 2i + 1))."""
+    (pairs (i, i + width/2)) to transformers' interleaved one (pairs (2i, 2i + 1)); inverse=True: back."""
     order = torch.arange(width).view(2, width // 2).t().reshape(-1)  # [0, D/2, 1, D/2 + 1, ...]
+    if inverse:
+        order = order.argsort()
     w = w.clone()
     blocks = w.view(-1, block, *w.shape[1:])
     blocks[:, start:start + width] = blocks[:, start:start + width][:, order]
@@ -298,7 +300,6 @@ def to_hf(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The other direction: a Hugging Face DeepseekV3ForCausalLM folder -> one nanods checkpoint file.
 
@@ -411,16 +412,6 @@ def nanods_config(hf: dict[str, Any], where: str = "config.json") -> NanoDeepSee
     return NanoDeepSeekConfig.from_dict(values, where)
 
 
-def deinterleave_rows(w: torch.Tensor, start: int, width: int, block: int) -> torch.Tensor:
-    """The inverse of interleave_rows: transformers' interleaved rope rows back to nanods' half-split ones."""
-    order = torch.arange(width).view(2, width // 2).t().reshape(-1)
-    inverse = torch.argsort(order)
-    w = w.clone()
-    blocks = w.view(-1, block, *w.shape[1:])
-    blocks[:, start:start + width] = blocks[:, start:start + width][:, inverse]
-    return w
-
-
 def hf_plan(config: NanoDeepSeekConfig, fused: set[int], interleaved: bool) -> tuple[
         dict[str, tuple[int, ...]], dict[str, Any]]:
     """({HF key: expected shape}, {nanods key: (HF keys, assemble)}) for the model config describes;
@@ -448,7 +439,7 @@ def hf_plan(config: NanoDeepSeekConfig, fused: set[int], interleaved: bool) -> t
     def rope_fix(start: int, width: int, block: int | None) -> Any:
         if not interleaved:
             return None
-        return lambda t: deinterleave_rows(t, start, width, block or t.shape[0])
+        return lambda t: interleave_rows(t, start, width, block or t.shape[0], inverse=True)
 
     same("embed.weight", "model.embed_tokens.weight")
     for i in range(config.n_layer):
