@@ -180,6 +180,7 @@ def recorded_choice(out_features: int, in_features: int, dtype: torch.dtype) -> 
     return record[key]
 
 
+@functools.cache  # the CPU does not change within a process
 def _machine() -> str:
     """The CPU model (the processor's name where the OS gives it) and torch's version."""
     name = platform.processor() or platform.machine()

@@ -82,6 +82,5 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, rope: Rope | float) -> torch.
     angles = pos.unsqueeze(-1).unsqueeze(-1).float() * torch.cat([-f, f])  # (B, T, 1, D)
     xf = x.float()
     y = torch.addcmul(xf * angles.cos(), xf.roll(D // 2, dims=-1), angles.sin())
-    if rope.attention_factor != 1:
-        y = y * rope.attention_factor
-    return y.to(x.dtype)
+    scale = rope.attention_factor
+    return (y * scale if scale != 1 else y).to(x.dtype)
