@@ -237,6 +237,10 @@ def sample(
                                        "as one text (each sample starts with it).")] = False,
     plain: Annotated[bool, typer.Option("--plain", help="Decode with the plain model, without the CPU fast paths "
                                         "\\[default: fast paths, unless fast_paths = false in \\[sample]].")] = False,
+    speculative: Annotated[bool, typer.Option("--speculative", help="Draft tokens with the model's MTP modules and "
+                                              "verify them in one step of the main model: the same text at "
+                                              "--temperature 0, the same distribution otherwise, fewer steps "
+                                              "(needs mtp_depth >= 1).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No timing line on stderr.")] = False,
 ) -> None:
     """Generate text from a checkpoint, streaming it to stdout (decode runs on the KV cache).
@@ -253,6 +257,7 @@ def sample(
     from nanods.device import resolve_device
     from nanods.generate import fit_sampling, read_prompt, sample_texts, sampling_settings
     from nanods.inspect import file_kind
+    from nanods.speculative import SpeculationStats
 
     settings, sources = sampling_settings(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                                top_p=top_p, num_samples=num_samples, fast_paths=False if plain else None))
@@ -261,6 +266,8 @@ def sample(
         raise NanodsError("give --prompt or --prompt-file, not both")
     if compile and (num_samples > 1 or no_cache):
         raise NanodsError("--compile decodes one sample on the KV cache: drop --num-samples/--no-cache or --compile")
+    if speculative and no_cache:
+        raise NanodsError("--speculative verifies drafts on the KV cache: drop --no-cache or --speculative")
     kind, ckpt = file_kind(ckpt)
     if kind != "checkpoint":
         raise NanodsError(f"'{ckpt}' is text, not a checkpoint; give the ckpt.safetensors that "
@@ -270,6 +277,9 @@ def sample(
         raise NanodsError(f"'{ckpt}' holds no tokenizer (it was imported from a Hugging Face folder without a "
                           "tokenizer.json), so there is no text to sample; convert that folder again with its "
                           "tokenizer.json (nanods inspect works on it as it is)")
+    if speculative and not model.config.mtp_depth:
+        raise NanodsError(f"--speculative drafts with multi-token prediction modules, and '{ckpt}' has none "
+                          "(mtp_depth = 0); train with --set model.mtp_depth=1, or drop --speculative")
     prompt_text = read_prompt(prompt, prompt_file)
     ids = [tokenizer.eot_id] + tokenizer.encode(prompt_text)
     max_new_tokens = fit_sampling(model, len(ids), num_samples, max_new_tokens, sources["max_new_tokens"],
@@ -285,10 +295,10 @@ def sample(
     prefix = prompt_text if echo else ""
     if num_samples == 1:  # streamed: the prompt now, each piece as it is decoded
         emit(prefix)
-    start, produced = time.perf_counter(), 0
+    start, produced, stats = time.perf_counter(), 0, SpeculationStats()
     for pieces in sample_texts(model, tokenizer, ids, num_samples, max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed, use_cache=not no_cache, compile=compile,
-                               fast=fast):
+                               fast=fast, speculative=speculative, stats=stats):
         produced += 1
         if num_samples == 1:
             emit(pieces[0])
@@ -304,6 +314,10 @@ def sample(
         err.print(f"{produced * num_samples} tokens in {seconds:.2f} s ({produced * num_samples / seconds:,.1f} tok/s, "
                   f"{'no cache' if no_cache else f'KV cache {format_bytes(cache)}'}"
                   f"{', compiling included' if compile else ''})", highlight=False)
+        if speculative:
+            rates = ", ".join(f"depth {k} {100 * r:.0f}%" for k, r in enumerate(stats.acceptance(), start=1))
+            err.print(f"speculative: drafts accepted {rates}; {stats.tokens / max(stats.rounds, 1):.2f} tokens per "
+                      f"main-model step ({stats.rounds} steps)", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,25 +338,55 @@ def bench(
                                           "compiling takes tens of seconds).")] = False,
     plain: Annotated[bool, typer.Option("--plain", help="Measure the plain model, without the CPU fast paths "
                                         "(docs/performance.md).")] = False,
+    ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="A trained checkpoint with MTP (mtp_depth >= 1): "
+                                                 "measure its config, and add plain vs speculative greedy decoding "
+                                                 "of 256 tokens with its weights.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
     """Measure train step, prefill and decode speed, MFU and the decode roofline on this machine.
 
     One process, one run: the matmul peak and read bandwidth are measured beside the model.
     So MFU, the fraction of the roofline, MoE vs dense and absorbed vs naive MLA are fair ratios.
+
+    Example: nanods bench --ckpt runs/mtp  (speculative decoding's speed-up on trained weights)
     """
     from nanods import bench as benchmarks
-    from nanods.project import load_project, project_file
+    from nanods import fast_paths
+    from nanods.checkpoint import load
     from nanods.device import resolve_device, resolve_dtype
+    from nanods.inspect import file_kind
+    from nanods.project import load_project, project_file
 
-    path = project_file(config)
-    model = load_project(path, scale=scale or (None if path else "small"), sets=sets, profile=profile).model
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    trained = None
+    if ckpt is not None:
+        if config is not None or scale is not None or profile is not None or sets:
+            raise NanodsError("--ckpt measures the checkpoint's own model: drop --config/--scale/--profile/--set")
+        kind, ckpt = file_kind(ckpt)
+        if kind != "checkpoint":
+            raise NanodsError(f"--ckpt '{ckpt}' is text, not a checkpoint; give the ckpt.safetensors that "
+                              "`nanods train` wrote, or its run folder")
+        trained, tokenizer = load(ckpt, torch_device)
+        if not trained.config.mtp_depth or tokenizer is None:
+            raise NanodsError(f"'{ckpt}' has {'no tokenizer' if tokenizer is None else 'no MTP modules (mtp_depth = 0)'}"
+                              "; --ckpt needs a checkpoint trained with --set model.mtp_depth=1 (or more)")
+        model, path = trained.config, None
+    else:
+        path = project_file(config)
+        model = load_project(path, scale=scale or (None if path else "small"), sets=sets, profile=profile).model
     with err.status("measuring") as status:
         result = benchmarks.run(model, torch_device, torch_dtype, repeats, compile=compile, fast=not plain,
                                 progress=lambda what: status.update(f"measuring {what}"))
-    result["scale"] = " + ".join(filter(None, [scale or (None if path else "small"), path and str(path), profile]))
+        if trained is not None:
+            status.update("measuring plain vs speculative decoding")
+            prompt = [tokenizer.eot_id] + tokenizer.encode("def ")
+            new = min(256, trained.config.sequence_len - len(prompt))
+            with fast_paths.enabled(trained.eval().to(torch_dtype), on=not plain):
+                result["speculative"] = benchmarks.bench_speculative(trained, prompt, new, torch_device,
+                                                                     min(repeats, 3), compile)
+    result["scale"] = " + ".join(filter(None, [str(ckpt) if ckpt else None, scale or (None if path or ckpt else "small"),
+                                               path and str(path), profile]))
     if as_json:
         _print_json(result)
         return

@@ -74,7 +74,7 @@ class NanoDeepSeekConfig:
     topk_group: int = 1
     bias_update_speed: float = 1e-3
     aux_loss_alpha: float | None = None  # -> 0.0 for sigmoid, 0.01 for softmax
-    # multi-token prediction (its own issue)
+    # multi-token prediction: depth-k modules predict token t+k+1; their loss weight in training
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.3
     # constructor-only switches of the original API
@@ -139,7 +139,8 @@ class NanoDeepSeekConfig:
              f"rope_beta_fast ({self.rope_beta_fast}) must be >= rope_beta_slow ({self.rope_beta_slow})"),
             (self.tokenizer_vocab_size is None or 0 < self.tokenizer_vocab_size <= self.vocab_size,
              f"tokenizer_vocab_size ({self.tokenizer_vocab_size}) must be in 1..vocab_size ({self.vocab_size})"),
-            (self.mtp_depth == 0, "mtp_depth > 0 (multi-token prediction) is not implemented yet; set mtp_depth = 0"),
+            (self.mtp_depth < self.sequence_len,
+             f"mtp_depth ({self.mtp_depth}) must be < sequence_len ({self.sequence_len}): depth k predicts k+1 tokens ahead"),
         ]
         for ok, message in checks:
             if not ok:

@@ -83,8 +83,6 @@ def unsupported(config: NanoDeepSeekConfig) -> list[str]:
         if per_group < 2:  # transformers scores a group by its top two experts
             problems.append(f"num_experts/n_group={per_group} expert(s) per group (transformers scores a group by its "
                             "top two experts; needs >= 2)")
-    if config.mtp_depth:
-        problems.append(f"mtp_depth={config.mtp_depth} (multi-token prediction is not exported; needs 0)")
     return problems
 
 
@@ -135,7 +133,7 @@ def hf_config(config: NanoDeepSeekConfig, eot_id: int | None, dtype: torch.dtype
         "rope_interleave": True,
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "num_nextn_predict_layers": 0,
+        "num_nextn_predict_layers": config.mtp_depth,
         "tie_word_embeddings": bool(config.tie_embeddings),
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
@@ -157,6 +155,11 @@ def interleave_rows(w: torch.Tensor, start: int, width: int, block: int, inverse
     return w
 
 
+def _routed(config: NanoDeepSeekConfig, layer: int) -> bool:
+    """Whether layer (trunk index; MTP depth k is n_layer + k) holds routed experts."""
+    return short_name(config.ffn) == "moe" and layer >= config.first_k_dense
+
+
 def hf_state(model: NanoDeepSeek) -> dict[str, torch.Tensor]:
     """nanods weights -> transformers' DeepseekV3ForCausalLM keys, as saved on disk."""
     config = model.config
@@ -172,11 +175,11 @@ def hf_state(model: NanoDeepSeek) -> dict[str, torch.Tensor]:
         out[f"{prefix}.gate_proj.weight"], out[f"{prefix}.up_proj.weight"] = gate, up
         out[f"{prefix}.down_proj.weight"] = w_out
 
-    nope, rope = config.qk_nope_head_dim, config.qk_rope_head_dim
-    for i in range(config.n_layer):
-        src, dst = f"blocks.{i}.", f"model.layers.{i}."
-        out[dst + "input_layernorm.weight"] = norm(src + "attn_norm.weight", config.n_embd)
-        out[dst + "post_attention_layernorm.weight"] = norm(src + "ffn_norm.weight", config.n_embd)
+    nope, rope, C = config.qk_nope_head_dim, config.qk_rope_head_dim, config.n_embd
+
+    def block(src: str, dst: str, moe: bool) -> None:
+        out[dst + "input_layernorm.weight"] = norm(src + "attn_norm.weight", C)
+        out[dst + "post_attention_layernorm.weight"] = norm(src + "ffn_norm.weight", C)
         a, b = src + "attn.", dst + "self_attn."
         if config.q_lora_rank:
             out[b + "q_a_proj.weight"] = sd[a + "wq_a.weight"]
@@ -190,7 +193,7 @@ def hf_state(model: NanoDeepSeek) -> dict[str, torch.Tensor]:
         out[b + "kv_b_proj.weight"] = sd[a + "wkv_b.weight"]
         out[b + "o_proj.weight"] = sd[a + "wo.weight"]
         f, m = src + "ffn.", dst + "mlp"
-        if short_name(config.ffn) == "moe" and i >= config.first_k_dense:
+        if moe:
             out[m + ".gate.weight"] = sd[f + "router.weight"].float()
             out[m + ".gate.e_score_correction_bias"] = sd[f + "router.expert_bias"].float()
             w_in, w_out = sd[f + "experts.w_in"], sd[f + "experts.w_out"]
@@ -199,6 +202,19 @@ def hf_state(model: NanoDeepSeek) -> dict[str, torch.Tensor]:
             swiglu(f"{m}.shared_experts", sd[f + "shared.w_in.weight"], sd[f + "shared.w_out.weight"])
         else:
             swiglu(m, sd[f + "w_in.weight"], sd[f + "w_out.weight"])
+
+    for i in range(config.n_layer):
+        block(f"blocks.{i}.", f"model.layers.{i}.", _routed(config, i))
+    head = sd["embed.weight"] if config.tie_embeddings else sd["lm_head.weight"]
+    for k in range(config.mtp_depth):  # DeepSeek's layout: layer n_layer + k, with copies of the shared tensors
+        src, dst = f"mtp.{k}.", f"model.layers.{config.n_layer + k}."
+        block(src + "block.", dst, _routed(config, config.n_layer + k))
+        out[dst + "enorm.weight"] = norm(src + "enorm.weight", C)
+        out[dst + "hnorm.weight"] = norm(src + "hnorm.weight", C)
+        out[dst + "eh_proj.weight"] = sd[src + "eh_proj.weight"]
+        out[dst + "shared_head.norm.weight"] = norm(src + "norm.weight", C)
+        out[dst + "embed_tokens.weight"] = sd["embed.weight"].clone()  # vLLM and SGLang read these copies
+        out[dst + "shared_head.head.weight"] = head.clone()
     out["model.norm.weight"] = norm("norm.weight", config.n_embd)
     if not config.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
@@ -407,6 +423,7 @@ def nanods_config(hf: dict[str, Any], where: str = "config.json") -> NanoDeepSee
         "route_norm": bool(_hf_value(hf, "norm_topk_prob")),
         "n_group": _hf_value(hf, "n_group"),
         "topk_group": _hf_value(hf, "topk_group"),
+        "mtp_depth": _hf_value(hf, "num_nextn_predict_layers"),
         **_rope_fields(hf, where),
     }
     return NanoDeepSeekConfig.from_dict(values, where)
@@ -441,9 +458,7 @@ def hf_plan(config: NanoDeepSeekConfig, fused: set[int], interleaved: bool) -> t
             return None
         return lambda t: interleave_rows(t, start, width, block or t.shape[0], inverse=True)
 
-    same("embed.weight", "model.embed_tokens.weight")
-    for i in range(config.n_layer):
-        src, dst = f"blocks.{i}.", f"model.layers.{i}."
+    def block(src: str, dst: str, moe: bool, fused_experts: bool) -> None:
         same(src + "attn_norm.weight", dst + "input_layernorm.weight")
         same(src + "ffn_norm.weight", dst + "post_attention_layernorm.weight")
         a, b = src + "attn.", dst + "self_attn."
@@ -458,28 +473,38 @@ def hf_plan(config: NanoDeepSeekConfig, fused: set[int], interleaved: bool) -> t
         same(a + "wkv_b.weight", b + "kv_b_proj.weight")
         same(a + "wo.weight", b + "o_proj.weight")
         f, m = src + "ffn.", dst + "mlp"
-        if config.use_moe and i >= config.first_k_dense:
-            same(f + "router.weight", m + ".gate.weight")
-            same(f + "router.expert_bias", m + ".gate.e_score_correction_bias")
-            if i in fused:
-                same(f + "experts.w_in", m + ".experts.gate_up_proj")
-                same(f + "experts.w_out", m + ".experts.down_proj")
-            else:
-                n_exp, rows, cols = shapes[f + "experts.w_in"]
-                out_shape = shapes[f + "experts.w_out"][1:]
-                gates, ups, downs = [], [], []
-                for e in range(n_exp):
-                    p = f"{m}.experts.{e}"
-                    hf[p + ".gate_proj.weight"] = hf[p + ".up_proj.weight"] = (rows // 2, cols)
-                    hf[p + ".down_proj.weight"] = out_shape
-                    gates.append(p + ".gate_proj.weight"), ups.append(p + ".up_proj.weight")
-                    downs.append(p + ".down_proj.weight")
-                plan[f + "experts.w_in"] = (gates + ups, lambda t, n=n_exp: torch.cat(
-                    [torch.stack(t[:n]), torch.stack(t[n:])], dim=1))
-                plan[f + "experts.w_out"] = (downs, lambda t: torch.stack(t))
-            swiglu(f + "shared.w_in.weight", f + "shared.w_out.weight", m + ".shared_experts")
-        else:
+        if not moe:
             swiglu(f + "w_in.weight", f + "w_out.weight", m)
+            return
+        same(f + "router.weight", m + ".gate.weight")
+        same(f + "router.expert_bias", m + ".gate.e_score_correction_bias")
+        if fused_experts:
+            same(f + "experts.w_in", m + ".experts.gate_up_proj")
+            same(f + "experts.w_out", m + ".experts.down_proj")
+        else:
+            n_exp, rows, cols = shapes[f + "experts.w_in"]
+            out_shape = shapes[f + "experts.w_out"][1:]
+            gates, ups, downs = [], [], []
+            for e in range(n_exp):
+                p = f"{m}.experts.{e}"
+                hf[p + ".gate_proj.weight"] = hf[p + ".up_proj.weight"] = (rows // 2, cols)
+                hf[p + ".down_proj.weight"] = out_shape
+                gates.append(p + ".gate_proj.weight"), ups.append(p + ".up_proj.weight")
+                downs.append(p + ".down_proj.weight")
+            plan[f + "experts.w_in"] = (gates + ups, lambda t, n=n_exp: torch.cat(
+                [torch.stack(t[:n]), torch.stack(t[n:])], dim=1))
+            plan[f + "experts.w_out"] = (downs, lambda t: torch.stack(t))
+        swiglu(f + "shared.w_in.weight", f + "shared.w_out.weight", m + ".shared_experts")
+
+    same("embed.weight", "model.embed_tokens.weight")
+    for i in range(config.n_layer):
+        block(f"blocks.{i}.", f"model.layers.{i}.", _routed(config, i), i in fused)
+    for k in range(config.mtp_depth):
+        src, dst, layer = f"mtp.{k}.", f"model.layers.{config.n_layer + k}.", config.n_layer + k
+        block(src + "block.", dst, _routed(config, layer), layer in fused)
+        for ours, theirs in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
+                             ("norm", "shared_head.norm")):
+            same(f"{src}{ours}.weight", f"{dst}{theirs}.weight")
     same("norm.weight", "model.norm.weight")
     if not config.tie_embeddings:
         same("lm_head.weight", "lm_head.weight")
@@ -599,12 +624,16 @@ def from_hf(src: str | Path, dst: str | Path) -> Path:
     config = _stored_config(hf, derived, tokenizer)
     found = _hf_files(src)
     n_layer = config.n_layer
-    mtp = range(n_layer, n_layer + (_hf_value(hf, "num_nextn_predict_layers") or 0))
+    mtp = range(n_layer, n_layer + config.mtp_depth)
+    if config.mtp_depth and not any(k.startswith(f"model.layers.{n_layer}.") for k in found):
+        # transformers' save_pretrained keeps num_nextn_predict_layers but drops the MTP layers' weights
+        config = NanoDeepSeekConfig(**{**config.to_dict(), "mtp_depth": 0})
+    copies = ("embed_tokens.weight", "shared_head.head.weight")  # an MTP layer's copies of the shared tensors
     ignored = {k for k in found if k.endswith("rotary_emb.inv_freq")
-               or any(k.startswith(f"model.layers.{i}.") for i in mtp)}  # multi-token prediction: not imported
+               or any(k.startswith(f"model.layers.{i}.") and (not config.mtp_depth or k.endswith(copies)) for i in mtp)}
     if config.tie_embeddings:
         ignored.add("lm_head.weight")  # transformers ties it to the embedding, as nanods does
-    fused = {i for i in range(n_layer) if f"model.layers.{i}.mlp.experts.gate_up_proj" in found}
+    fused = {i for i in range(n_layer + config.mtp_depth) if f"model.layers.{i}.mlp.experts.gate_up_proj" in found}
     shapes, plan = hf_plan(config, fused, _hf_value(hf, "rope_interleave") is not False)
     present = found.keys() - ignored
     missing, unexpected = sorted(shapes.keys() - present), sorted(present - shapes.keys())

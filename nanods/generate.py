@@ -15,9 +15,12 @@ import torch
 
 from nanods import fast_paths
 from nanods.checks import SAMPLE_RANGES
+from nanods.compiling import compiled
 from nanods.device import device_memory
 from nanods.errors import NanodsError
 from nanods.project import sample_settings
+from nanods.sampling import sample_next
+from nanods.speculative import SelfSpeculation, SpeculationStats
 from nanods.terminal import format_bytes
 from nanods.tokenizer import StreamDecoder
 
@@ -26,44 +29,19 @@ if TYPE_CHECKING:  # model.py imports this module for NanoDeepSeek.generate
     from nanods.tokenizer import Tokenizer
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator) -> torch.Tensor:
-    """Pick one id per row of logits (B, V): greedy at temperature 0, else top-k / top-p sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.size(-1):  # None or 0: no top-k cut
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 def compiled_decode_step(model: NanoDeepSeek) -> Callable[..., torch.Tensor]:
-    """model's forward for one new token of one sequence, compiled by torch.compile into one graph
-    on its first call (made within `nanods.fast_paths.enabled(model)`, the graph has the fast paths).
+    """model's forward for one new token of one sequence, through `compiled` (made within
+    `nanods.fast_paths.enabled(model)`, the graph has the fast paths).
 
-    The cache length is a symbolic size, so one compilation serves every position; the routed
-    expert ids become values inside the graph (docs/measurements.md has the figures). Batch 1
-    only: the loop kernel's sorted dispatch of several tokens needs per-expert counts on the host.
-    A failed compilation raises one NanodsError line.
+    Batch 1 only: the loop kernel's sorted dispatch of many tokens needs per-expert counts on the
+    host (docs/measurements.md has the figures).
     """
-    compiled = torch.compile(model, dynamic=True, fullgraph=True)
+    forward = compiled(model, "the decode step")
 
     def step(token: torch.Tensor, cache: list, start_pos: int) -> torch.Tensor:
         if token.shape != (1, 1):
             raise ValueError(f"the compiled decode step takes one token of one sequence, got {tuple(token.shape)}")
-        with torch._dynamo.config.patch(capture_scalar_outputs=True):  # expert ids as values in the graph
-            try:
-                return compiled(token, cache=cache, start_pos=start_pos)
-            except torch._dynamo.exc.TorchDynamoException as e:  # many lines of compiler output otherwise
-                first = next((line for line in str(e).splitlines() if line.strip()), "")
-                raise NanodsError(f"torch.compile failed on the decode step ({type(e).__name__}: {first[:200]}); "
-                                  "run without --compile / compile=False") from e
+        return forward(token, cache=cache, start_pos=start_pos)
 
     return step
 
@@ -71,13 +49,18 @@ def compiled_decode_step(model: NanoDeepSeek) -> Callable[..., torch.Tensor]:
 def stream(model: NanoDeepSeek, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            eos_id: int | None = None, use_cache: bool = True, compile: bool = False,
-           fast: bool = False) -> Iterator[torch.Tensor]:
+           fast: bool = False, speculative: bool = False, stats: SpeculationStats | None = None
+           ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,) per step; rows that hit eos_id keep yielding eos_id.
 
     Sampling uses a private generator (the global RNG is untouched); ids the tokenizer does not
     have (the vocabulary is padded to a multiple of 64) are never sampled. fast=True runs the
     model with `nanods.fast_paths`; compile=True decodes with `compiled_decode_step` (one
-    sequence, on the cache: with fast=True, its graph has the fast paths).
+    sequence, on the cache: with fast=True, its graph has the fast paths), or with speculative=True
+    compiles the verify and draft steps. speculative=True
+    drafts with the MTP modules and verifies with the main model (`nanods.speculative`): the
+    same distribution, the same greedy tokens, fewer main-model steps; `stats` collects how
+    many drafts passed.
     """
     cfg = model.config
     B, T = idx.shape
@@ -89,40 +72,73 @@ def stream(model: NanoDeepSeek, idx: torch.Tensor, max_new_tokens: int, temperat
             raise ValueError(f"{name} must be {SAMPLE_RANGES[name]}, got {value}")
     if compile and (B != 1 or not use_cache):
         raise ValueError("compiled decoding runs one sequence on the KV cache: use one prompt row and the cache")
-    decode = compiled_decode_step(model) if compile else model
+    if speculative and not use_cache:
+        raise ValueError("speculative decoding verifies drafts on the KV cache: use the cache")
     generator = torch.Generator(device=idx.device)
     if seed is None:
         generator.seed()
     else:
         generator.manual_seed(seed)
     limit = cfg.tokenizer_vocab_size or cfg.vocab_size
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        return sample_next(logits[:, :limit], temperature, top_k, top_p, generator)
+
     was_training = model.training
     model.eval()
     inference = torch.inference_mode()  # cheaper per op than no_grad; entered only around compute, never across a yield
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     try:
         with fast_paths.enabled(model, on=fast):  # the modules' swaps may span the yields
-            with inference:
-                cache = model.init_cache(B, T + max_new_tokens) if use_cache else None
-                seq = idx
-                logits = model(idx, cache=cache)[:, -1]
-                done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            for step in range(max_new_tokens):
-                with inference:
-                    token = sample_next(logits[:, :limit], temperature, top_k, top_p, generator)
+            if speculative:
+                speculation = SelfSpeculation(model, B, T + max_new_tokens, temperature, top_k, top_p, generator,
+                                              limit, stats if stats is not None else SpeculationStats(), compile)
+                steps = _speculative_steps(speculation, idx, pick, done, inference)
+            else:
+                decode = compiled_decode_step(model) if compile else model
+                steps = _plain_steps(model, idx, max_new_tokens, pick, use_cache, decode, inference)
+            produced = 0
+            for tokens in steps:
+                for token in tokens:
                     if eos_id is not None:
                         token = token.masked_fill(done, eos_id)
                         done |= token == eos_id
-                yield token.clone()  # a normal tensor again: callers may use it anywhere, autograd included
-                if step == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
-                    break
-                with inference:
-                    if use_cache:
-                        logits = decode(token[:, None], cache=cache, start_pos=T + step)[:, -1]
-                    else:
-                        seq = torch.cat([seq, token[:, None]], dim=1)
-                        logits = model(seq)[:, -1]
+                    yield token.clone()  # a normal tensor again: callers may use it anywhere, autograd included
+                    produced += 1
+                    if produced == max_new_tokens or (eos_id is not None and bool(done.all())):
+                        return
     finally:
         model.train(was_training)
+
+
+def _plain_steps(model: NanoDeepSeek, idx: torch.Tensor, max_new_tokens: int, pick: Callable, use_cache: bool,
+                 decode: Callable, inference: Any) -> Iterator[list[torch.Tensor]]:
+    """One token per model step: the prompt, then each token on the cache (or the whole prefix again)."""
+    B, T = idx.shape
+    with inference:
+        cache = model.init_cache(B, T + max_new_tokens) if use_cache else None
+        token = pick(model(idx, cache=cache)[:, -1])
+    seq = idx
+    for step in range(max_new_tokens):
+        yield [token]
+        with inference:
+            if use_cache:
+                logits = decode(token[:, None], cache=cache, start_pos=T + step)[:, -1]
+            else:
+                seq = torch.cat([seq, token[:, None]], dim=1)
+                logits = model(seq)[:, -1]
+            token = pick(logits)
+
+
+def _speculative_steps(speculation: SelfSpeculation, idx: torch.Tensor, pick: Callable, done: torch.Tensor,
+                       inference: Any) -> Iterator[list[torch.Tensor]]:
+    """The prompt's next token, then each round's accepted drafts and the main model's token."""
+    with inference:
+        tokens = [pick(speculation.start(idx))]
+    while True:
+        yield tokens
+        with inference:
+            tokens = speculation.round(tokens[-1], done)
 
 
 # ---------------------------------------------------------------------------------------------

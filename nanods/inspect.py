@@ -66,6 +66,7 @@ def report(config: NanoDeepSeekConfig, seq_len: int | None = None, batch: int = 
         "params_total": params["total"],
         "params_active": params["active"],
         "params_by_component": params["groups"],
+        "params_mtp": params["groups"].get("mtp", {}).get("total", 0),  # trained, unused by plain decoding
         "dtype": str(dtype).removeprefix("torch."),
         "seq_len": seq_len,
         "batch": batch,
@@ -74,6 +75,7 @@ def report(config: NanoDeepSeekConfig, seq_len: int | None = None, batch: int = 
         "kv_cache_bytes": per_token * seq_len * batch,
         "flops_per_token": flops_per_token(model, seq_len, decode=False),
         "flops_per_token_decode": flops_per_token(model, seq_len, decode=True),
+        "flops_per_token_train": 3 * flops_per_token(model, seq_len, mtp=True),  # forward + backward, MTP included
     }
     if config.use_mla:  # what naive MLA would hold if it cached decompressed per-head keys and values
         heads = config.n_head * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
@@ -159,6 +161,8 @@ def print_report(info: dict[str, Any], console: Console) -> None:
     cost.add_row(f"KV cache for {info['batch']} x {info['seq_len']}", format_bytes(info["kv_cache_bytes"]))
     cost.add_row("FLOPs per token, forward (train/prefill)", _fmt_count(info["flops_per_token"]))
     cost.add_row("FLOPs per token, decode", _fmt_count(info["flops_per_token_decode"]))
+    cost.add_row("FLOPs per token, training" + (" (MTP included)" if info["params_mtp"] else ""),
+                 _fmt_count(info["flops_per_token_train"]))
     console.print(cost)
     if "expert_load" in info:
         load = Table(title="expert load at save time (share of routed tokens)")

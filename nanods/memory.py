@@ -11,7 +11,7 @@ from nanods.config import NanoDeepSeekConfig
 from nanods.device import device_memory
 from nanods.errors import NanodsError
 from nanods.layers.norm import RMSNorm
-from nanods.model import Block
+from nanods.model import Block, MTPModule
 from nanods.terminal import format_bytes
 
 # fp32 weight, fp32 gradient and AdamW's two fp32 moments (Muon keeps one moment: less)
@@ -42,13 +42,14 @@ def _parts(config: NanoDeepSeekConfig) -> list[tuple[nn.Module, int]]:
     """(module on the meta device, how many of it NanoDeepSeek holds): every module of the model once.
 
     Blocks differ only in their FFN (dense below first_k_dense, config.ffn from there on), so one
-    block of each kind stands for all of its layers.
+    block of each kind stands for all of its layers; likewise one MTP module for every depth.
     """
     dense, routed = config.first_k_dense, config.n_layer - config.first_k_dense
     with torch.device("meta"):
         blocks = [(Block(config, first), n) for first, n in ((0, dense), (dense, routed)) if n]
         return [(nn.Embedding(config.vocab_size, config.n_embd), 1), *blocks,
                 (RMSNorm(config.n_embd, config.norm_eps, config.norm_weights), 1),
+                (MTPModule(config, config.n_layer), config.mtp_depth),
                 (nn.Linear(config.n_embd, config.vocab_size, bias=False),
                  0 if config.tie_embeddings else 1)]  # tied: the head is embed.weight
 
@@ -90,10 +91,12 @@ def training_memory(config: NanoDeepSeekConfig, batch_size: int, seq_len: int, d
     float32 under autocast. Left out: transient buffers (one layer's activation gradients during
     the backward, the loss's logit slices) and allocator fragmentation.
     """
-    routed = config.n_layer - config.first_k_dense if config.use_moe else 0
+    layers = config.n_layer + config.mtp_depth  # an MTP module: one block, its input norms and projection, its loss
+    routed = layers - config.first_k_dense if config.use_moe else 0
     per_token = (routed * _layer_activation_values(config, routed=True)
-                 + (config.n_layer - routed) * _layer_activation_values(config, routed=False)
-                 + 4 * config.n_embd)  # embedding output, final norm, the loss's saved gradient of the hidden states
+                 + (layers - routed) * _layer_activation_values(config, routed=False)
+                 + 4 * config.n_embd  # embedding output, final norm, the loss's saved gradient of the hidden states
+                 + 8 * config.mtp_depth * config.n_embd)
     value_bytes = max(4, dtype.itemsize)
     # under autocast every weight's low-precision copy is kept for the backward as well
     copies = dtype.itemsize if dtype.itemsize < 4 else 0

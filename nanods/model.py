@@ -1,7 +1,8 @@
-"""NanoDeepSeek: token embedding -> n_layer x [norm -> attention, norm -> FFN] -> norm -> head.
+"""NanoDeepSeek: token embedding -> n_layer x [norm -> attention, norm -> FFN] -> norm -> head,
+plus `mtp_depth` multi-token prediction modules that each guess one token further ahead.
 
 Attention, FFN and router are components looked up in the registry, so this file reads the same
-for MHA or MLA, dense or MoE, and for any plugin.
+for MHA or MLA, dense or MoE, and for any plugin (the MTP modules' blocks included).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class LossTerms(NamedTuple):
     total: torch.Tensor  # what the optimizer minimises
     ce: torch.Tensor  # mean next-token cross-entropy
     aux: torch.Tensor  # sum of the layers' auxiliary (balance) losses, already weighted
+    mtp: torch.Tensor  # (mtp_depth,) mean cross-entropy of each MTP depth; empty without MTP or in eval mode
 
 
 class Block(nn.Module):
@@ -41,6 +43,30 @@ class Block(nn.Module):
         return x + y, aux
 
 
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k (DeepSeek-V3): from the previous depth's hidden state at t and
+    the embedding of token t+k, one block computes the hidden state that predicts token t+k+1.
+
+    h_k = block(eh_proj([enorm(emb(x_{t+k})); hnorm(h_{k-1}(t))])), logits = head(norm(h_k)), with
+    the model's embedding and head. The embedding comes first in the concatenation, as in
+    DeepSeek's released weights (the paper's figure draws the other order).
+    """
+
+    def __init__(self, config: NanoDeepSeekConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.enorm = RMSNorm(config.n_embd, config.norm_eps, config.norm_weights)
+        self.hnorm = RMSNorm(config.n_embd, config.norm_eps, config.norm_weights)
+        self.eh_proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
+        self.block = Block(config, layer_idx)
+        self.norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_weights)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor, cache: Any = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h (B, T, C) of depth k-1 at positions pos, emb (B, T, C) of the tokens k further -> (h_k, aux)."""
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return self.block(x, pos, cache)
+
+
 class NanoDeepSeek(nn.Module):
     def __init__(self, config: NanoDeepSeekConfig) -> None:
         super().__init__()
@@ -49,6 +75,7 @@ class NanoDeepSeek(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_weights)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(config, config.n_layer + k) for k in range(config.mtp_depth))
         self.apply(self._init_weights)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -84,11 +111,29 @@ class NanoDeepSeek(nn.Module):
         return self.lm_head(self.norm(h))
 
     def loss_terms(self, idx: torch.Tensor, targets: torch.Tensor) -> LossTerms:
-        """Cross-entropy (targets of -1 are ignored) plus the layers' auxiliary losses, kept apart for logging."""
+        """Cross-entropy (targets of -1 are ignored) plus the layers' auxiliary losses and, in training,
+        mtp_loss_weight x the mean of the MTP depths' cross-entropies; each kept apart for logging.
+
+        MTP depth k predicts targets[t + k] from position t, so it covers the first T - k positions:
+        it never predicts past the batch's last target.
+        """
+        B, T = idx.shape
         h, aux = self.hidden(idx)
         ce = linear_cross_entropy(self.norm(h).flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index=-1)
         aux = aux if aux is not None else ce.new_zeros(())
-        return LossTerms(ce + aux, ce, aux)
+        mtp = []
+        if self.training and self.mtp:
+            if T <= len(self.mtp):
+                raise ValueError(f"mtp_depth={len(self.mtp)} needs sequences longer than {len(self.mtp)} tokens, got {T}")
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+            for k, module in enumerate(self.mtp, start=1):
+                h, layer_aux = module(h[:, :-1], self.embed(idx[:, k:]), pos[:, :T - k])
+                aux = aux + layer_aux if layer_aux is not None else aux
+                mtp.append(linear_cross_entropy(module.norm(h).flatten(0, 1), self.lm_head.weight,
+                                                targets[:, k:].flatten(), ignore_index=-1))
+        mtp = torch.stack(mtp) if mtp else ce.new_zeros(0)
+        total = ce + aux + (self.config.mtp_loss_weight * mtp.mean() if mtp.numel() else 0)
+        return LossTerms(total, ce, aux, mtp)
 
     def init_cache(self, batch: int, max_len: int, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> list:
@@ -103,10 +148,11 @@ class NanoDeepSeek(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_id: int | None = None,
-                 compile: bool = False, fast: bool = False) -> torch.Tensor:
-        """Extend idx (B, T) by up to max_new_tokens with the KV cache -> (B, T + new); see nanods.generate."""
+                 compile: bool = False, fast: bool = False, speculative: bool = False) -> torch.Tensor:
+        """Extend idx (B, T) by up to max_new_tokens with the KV cache -> (B, T + new); see nanods.generate
+        (speculative=True drafts with the MTP modules: nanods.speculative)."""
         from nanods.generate import stream
 
         new = list(stream(self, idx, max_new_tokens, temperature, top_k, top_p, seed, eos_id, compile=compile,
-                          fast=fast))
+                          fast=fast, speculative=speculative))
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx

@@ -452,3 +452,43 @@ def test_an_imported_checkpoint_starts_a_new_run(tmp_path, corpus):
     ckpt = from_hf(hf, tmp_path / "ours.safetensors")
     train(project(corpus, tmp_path / "run", "train.steps=2", "train.eval_every=2"), RunOptions(init_from=str(ckpt)))
     assert losses(tmp_path / "run") and checkpoint.load(tmp_path / "run" / "ckpt.safetensors")[0].config.rope_factor == 4
+
+
+def test_mtp_modules_convert_both_ways_in_deepseeks_layout(tmp_path):
+    """MTP depth k is model.layers.{n_layer + k} with enorm, hnorm, eh_proj, shared_head.norm and copies of
+    the embedding and head; transformers skips those layers; the way back restores every MTP weight."""
+    from safetensors import safe_open
+
+    from nanods.convert import from_hf
+
+    model = _random_model(3, **{**CONFIGS["q_lora"], "mtp_depth": 2}).eval()
+    dst = to_hf(_save(tmp_path, model), tmp_path / "hf")
+    config = json.loads((dst / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 2 and config["num_hidden_layers"] == 2
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for layer, k in ((2, 0), (3, 1)):
+            p = f"model.layers.{layer}."
+            assert {p + "enorm.weight", p + "hnorm.weight", p + "eh_proj.weight", p + "shared_head.norm.weight",
+                    p + "embed_tokens.weight", p + "shared_head.head.weight", p + "mlp.gate.weight"} <= keys
+            assert torch.equal(f.get_tensor(p + "eh_proj.weight"), model.mtp[k].eh_proj.weight)
+            assert torch.equal(f.get_tensor(p + "shared_head.norm.weight"), model.mtp[k].norm.weight)
+            assert torch.equal(f.get_tensor(p + "shared_head.head.weight"), model.lm_head.weight)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(dst, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and info["unexpected_keys"], info
+    assert all(k.startswith(("model.layers.2.", "model.layers.3.")) for k in info["unexpected_keys"])
+    idx = torch.randint(0, 257, (1, 20))
+    with torch.no_grad():
+        assert (model(idx) - hf.eval()(idx).logits).abs().max() <= 1e-4
+    back, _ = checkpoint.load(from_hf(dst, tmp_path / "back.safetensors"))
+    assert back.config == model.config
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # transformers' own save keeps num_nextn_predict_layers but drops the MTP layers: imported without MTP
+    hf.save_pretrained(tmp_path / "resaved")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "resaved" / name).write_bytes((dst / name).read_bytes())
+    plain, _ = checkpoint.load(from_hf(tmp_path / "resaved", tmp_path / "plain.safetensors"))
+    assert plain.config.mtp_depth == 0 and not plain.mtp
+    with torch.no_grad():
+        assert torch.equal(plain(idx), model(idx))

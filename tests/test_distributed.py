@@ -18,12 +18,13 @@ ARGS = ["train", "--scale", "tiny", "--steps", "5", "--device", "cpu", "--dtype"
         "--set", "train.data=corpus", "--set", "train.tokenizer=byte",
         "--set", "train.batch_size=4", "--set", "train.micro_batch_size=2", "--set", "train.seq_len=32",
         "--set", "train.eval_every=5", "--set", "train.eval_batches=1", "--set", "train.sample_tokens=0",
-        "--set", "train.warmup_steps=1", "--set", "model.bias_update_speed=0.01"]
+        "--set", "train.warmup_steps=1", "--set", "model.bias_update_speed=0.01", "--set", "model.mtp_depth=1"]
 
 
 def losses(out: Path) -> list[float]:
+    """Each step's main loss, then its MTP loss (every run here trains one MTP depth)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [v for r in rows if "loss" in r for v in (r["loss"], *r["mtp"])]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_two_processes_match_one(single, parallel, micro):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"data parallel: 2 processes ({parallel})" in proc.stderr
     a, b = losses(out_single), losses(out)
-    assert len(a) == len(b) == 5
+    assert len(a) == len(b) == 10
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=0)
     wa, wb = load_file(out_single / "ckpt.safetensors"), load_file(out / "ckpt.safetensors")
     biases = [k for k in wa if k.endswith("expert_bias")]

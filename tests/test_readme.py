@@ -42,6 +42,8 @@ AS_WRITTEN = [
     "nanods inspect --scale tiny --set model.n_layr=4",
     "nanods train --scale tiny --profile deepseek --steps 40 --out runs/ds",
     "nanods convert runs/ds hf-ds",
+    "nanods train --scale tiny --set model.mtp_depth=2 --steps 40 --out runs/mtp",
+    'nanods sample runs/mtp --speculative --temperature 0 --prompt "def "',
 ]
 
 # Too long for a test: run as this cheaper command instead. {python} is this interpreter, {site} a folder
@@ -51,6 +53,9 @@ CHEAPER = {
         "nanods train --scale small --steps 2",
         ("2 steps instead of the 8-minute budget: the same model, corpus, tokenizer training and run folder "
          "(runs/nanods, which the sample and inspect commands after it read)")),
+    "nanods bench --ckpt runs/mtp": (
+        "nanods bench --ckpt runs/mtp --repeats 1",
+        "one timed run of each row instead of five: the same rows, the same checkpoint"),
     "pip install -e plugins/nanods-noisy-topk": (
         "{python} -m pip install --quiet --no-deps --target {site} plugins/nanods-noisy-topk",
         "the plugin installed into a folder on PYTHONPATH, not into the environment the other tests run in"),

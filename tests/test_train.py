@@ -23,15 +23,19 @@ from nanods.train.loop import RunOptions, train
 from nanods.train.run_dir import RunDir
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(corpus, tmp_path, monkeypatch):
-    assert train(project(corpus, tmp_path / "a"), RunOptions()) == 0
+@pytest.mark.parametrize("sets", [(), ("model.mtp_depth=1",)], ids=["plain", "mtp"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(sets, corpus, tmp_path, monkeypatch):
+    assert train(project(corpus, tmp_path / "a", *sets), RunOptions()) == 0
     undo = signal_after_step(monkeypatch, 3, signal.SIGINT)  # a Ctrl-C arriving during step 3
-    assert train(project(corpus, tmp_path / "b"), RunOptions()) == 128 + signal.SIGINT  # stopped, saved, exit 130
+    assert train(project(corpus, tmp_path / "b", *sets), RunOptions()) == 128 + signal.SIGINT  # stopped, exit 130
     assert read_header(tmp_path / "b" / "ckpt.safetensors")[1]["nanods.step"] == "3"
     undo()
-    assert train(project(corpus, tmp_path / "b"), RunOptions(resume=True)) == 0
+    assert train(project(corpus, tmp_path / "b", *sets), RunOptions(resume=True)) == 0
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert list(a) == list(range(1, 9)) and a == b
+    mtp = [[json.loads(line).get("mtp") for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+           for run in "ab"]
+    assert mtp[0] == mtp[1] and all(m is None for m in mtp[0]) == (not sets)
     wa = load_file(tmp_path / "a" / "ckpt.safetensors")
     wb = load_file(tmp_path / "b" / "ckpt.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -26,7 +26,7 @@ from nanods.data import Batches, Corpus, load_corpus, load_tokenizer, tokenize
 from nanods.device import peak_memory, resolve_device, resolve_dtype
 from nanods.errors import NanodsError
 from nanods.flops import flops_per_token
-from nanods.layers.ffn.moe import update_expert_bias
+from nanods.layers.ffn.moe import MoE, update_expert_bias
 from nanods.memory import check_training_fits
 from nanods.model import NanoDeepSeek
 from nanods.peak import matmul_peak
@@ -42,6 +42,8 @@ from nanods.train.resume import resumed_project
 from nanods.train.run_dir import RunDir
 from nanods.train.schedule import lr_factor
 
+# model fields --init-from may change: the MTP modules ride on the trunk, which the weights fix
+INIT_FROM_CHANGES = ("mtp_depth", "mtp_loss_weight")
 # settings that must not change under --resume: what a step computes, and the budget whose plan the run keeps
 FROZEN_TRAIN = ("data", "extensions", "tokenizer", "batch_size", "micro_batch_size", "seq_len", "seed", "optimizer",
                 "time_budget")
@@ -166,12 +168,18 @@ class Trainer:
         self.accum = self.batches.accum
         if s.seq_len > model_config.sequence_len:
             raise NanodsError(f"train.seq_len ({s.seq_len}) exceeds the model's sequence_len ({model_config.sequence_len})")
+        if s.seq_len <= model_config.mtp_depth:
+            raise NanodsError(f"train.seq_len ({s.seq_len}) leaves nothing to predict at mtp_depth "
+                              f"{model_config.mtp_depth}: depth k needs k+1 tokens; raise train.seq_len or lower it")
 
         check_training_fits(model_config, micro, s.seq_len, self.dtype, self.device)  # before allocating anything
         torch.manual_seed(s.seed)
         self.model = NanoDeepSeek(model_config).to(self.device)
-        if source is not None:
-            self.model.load_state_dict(source["weights"], strict=not model_config.tie_embeddings)
+        if source is not None:  # MTP depths added by --init-from keep their fresh initialisation
+            added = {k: v for k, v in self.model.state_dict().items() if k.startswith("mtp.") and k not in source["weights"]}
+            self.model.load_state_dict({**source["weights"], **(added if run.init_from else {})},
+                                       strict=not model_config.tie_embeddings)
+        self.report.layer_names = [_layer_name(name) for name, m in self.model.named_modules() if isinstance(m, MoE)]
         self.net = wrap(self.model, self.world, s.parallel)  # what forward and backward go through
         self.optimizers = build_optimizers(self.model, s, self.device)
         self.report.print(describe_split(self.model, s))
@@ -182,7 +190,7 @@ class Trainer:
         if resumed is not None:
             self._load_train_state(resumed)
         self.forward = torch.compile(self.net) if s.compile else self.net
-        self.flops_per_step = 3 * flops_per_token(self.model, s.seq_len) * s.batch_size * s.seq_len
+        self.flops_per_step = 3 * flops_per_token(self.model, s.seq_len, mtp=True) * s.batch_size * s.seq_len
         self.peak = matmul_peak(self.device, self.dtype)
         self.expert_counts: torch.Tensor | None = None
         self.last_eval: tuple[float | None, float | None] = (None, None)  # (val loss, bits per byte)
@@ -275,11 +283,18 @@ class Trainer:
                               "folder again with its tokenizer.json")
         stored = source["config"].to_dict()
         given = {k: v for k, v in self.opts.explicit.get("model", {}).items() if k not in ("scale", "profile")}
-        changed = [f"model.{k}: {stored.get(k)!r} -> {v!r}" for k, v in given.items() if stored.get(k) != v]
+        changed = [f"model.{k}: {stored.get(k)!r} -> {v!r}" for k, v in given.items()
+                   if stored.get(k) != v and k not in INIT_FROM_CHANGES]
         if changed:  # the weights fix the model: a silently ignored option would mislead
             raise NanodsError(f"--init-from takes the model from '{path}', which differs from the command line: "
                               f"{'; '.join(changed)}; drop those options, or train a new model without --init-from")
-        self.report.print(f"initialised from {escape(path)} (step {source['step']}); a new run starts at step 0")
+        source["config"] = NanoDeepSeekConfig.from_dict(
+            {**stored, **{k: v for k, v in given.items() if k in INIT_FROM_CHANGES}}, "the command line")
+        depth, before = source["config"].mtp_depth, stored["mtp_depth"]
+        source["weights"] = {k: v for k, v in source["weights"].items()
+                             if not k.startswith("mtp.") or int(k.split(".")[1]) < depth}
+        added = f"; MTP depths {before + 1}-{depth} start from scratch" if depth > before else ""
+        self.report.print(f"initialised from {escape(path)} (step {source['step']}){added}; a new run starts at step 0")
         return source
 
     def _refuse_changes(self, resumed: dict[str, Any], project: Project, model_config: NanoDeepSeekConfig) -> None:
@@ -332,7 +347,7 @@ class Trainer:
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-        parts = torch.zeros(2, device=self.device)  # (ce, aux) summed over micro-batches
+        parts = torch.zeros(2 + self.model.config.mtp_depth, device=self.device)  # (ce, aux, mtp...) over micro-batches
         for micro in range(self.accum):
             x, y = self.batches.get(self.step, micro)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -342,13 +357,14 @@ class Trainer:
                 with self.autocast():
                     terms = self.forward(x, y, return_terms=True)
                 (terms.total / self.accum).backward()
-            parts += torch.stack([terms.ce.detach(), terms.aux.detach()]) / self.accum
-        ce, aux = (self.world.all_reduce_sum(parts) / self.world.world_size).tolist()  # one host sync per step
+            parts += torch.cat([terms.ce.detach()[None], terms.aux.detach()[None], terms.mtp.detach()]) / self.accum
+        ce, aux, *mtp = (self.world.all_reduce_sum(parts) / self.world.world_size).tolist()  # one host sync per step
         loss = ce + aux
-        if not math.isfinite(loss):
+        if not math.isfinite(loss + sum(mtp)):
             kept = f"the last good checkpoint (step {self.last_good_step}) is kept" if self.last_good_step \
                 else "no checkpoint was written"
-            raise NanodsError(f"loss became {loss} at step {self.step + 1}; stopped without saving ({kept}). "
+            what = f"loss became {loss}" if not math.isfinite(loss) else f"the MTP loss became {sum(mtp)}"
+            raise NanodsError(f"{what} at step {self.step + 1}; stopped without saving ({kept}). "
                               "Try a lower train.lr or train.dtype = \"float32\"")
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
@@ -361,7 +377,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += s.batch_size * s.seq_len
-        return {"loss": loss, "ce": ce, "aux": aux, "lr": s.lr * factor}
+        row = {"loss": loss, "ce": ce, "aux": aux, "lr": s.lr * factor}
+        return row | ({"mtp": mtp} if mtp else {})
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -498,6 +515,12 @@ class Trainer:
         out = model.generate(idx, n, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=self.settings.seed,
                              eos_id=self.tokenizer.eot_id, fast=self.settings.fast_paths)
         return self.tokenizer.decode([t for t in out[0, 1:].tolist() if t != self.tokenizer.eot_id])
+
+
+def _layer_name(module_name: str) -> str:
+    """'blocks.3.ffn' -> 'L3', 'mtp.0.block.ffn' -> 'MTP1' (the expert load's labels)."""
+    kind, index = module_name.split(".")[:2]
+    return f"L{index}" if kind == "blocks" else f"MTP{int(index) + 1}"
 
 
 def train(project: Project, run: RunOptions) -> int:

@@ -28,6 +28,7 @@ class TrainReport:
         self.bar: Progress | None = None  # started by begin(), once the run is sure to start
         self.budget: float | None = None  # seconds: the bar then measures time, so its ETA is the budget's
         self._torn = self._write_failed = False  # metrics.jsonl: a line left unfinished, a failure reported
+        self.layer_names: list[str] = []  # the MoE layers' names in expert-load order, e.g. L1, L2, MTP1
 
     @contextlib.contextmanager
     def phase(self, doing: str) -> Iterator[Callable[[str], None]]:
@@ -38,6 +39,10 @@ class TrainReport:
             yield result.append
         for line in result:
             self.print(f"{escape(line)} [dim]({format_duration(time.perf_counter() - start)})[/]")
+
+    def _layer(self, i: int) -> str:
+        """The name of the i-th MoE layer (layer_names, set by the trainer, else L{i})."""
+        return self.layer_names[i] if i < len(self.layer_names) else f"L{i}"
 
     def print(self, *args: Any) -> None:
         if self.enabled:
@@ -52,10 +57,10 @@ class TrainReport:
             # with a budget the bar fills with time, or with steps when the step count ends the run first
             done = max(row["wall"], self.budget * row["step"] / total) if self.budget else row["step"]
             self.bar.update(self.task, completed=min(done, self.budget or total), total=self.budget or total, steps=steps,
-                            loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tps=f"{row['tok_per_s']:,.0f}",
-                            mfu=f"{100 * row['mfu']:.1f}%")
+                            loss=f"{row['loss']:.4f}{_mtp_text(row)}", lr=f"{row['lr']:.2e}",
+                            tps=f"{row['tok_per_s']:,.0f}", mfu=f"{100 * row['mfu']:.1f}%")
         elif row["step"] % self.log_every == 0 or row["step"] in (1, total):
-            self.console.print(f"step {steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+            self.console.print(f"step {steps}  loss {row['loss']:.4f}{_mtp_text(row)}  lr {row['lr']:.2e}  "
                                f"{row['tok_per_s']:,.0f} tok/s  MFU {100 * row['mfu']:.1f}%", highlight=False)
 
     def eval(self, row: dict[str, Any], expert_load: list[list[float]] | None) -> None:
@@ -70,7 +75,7 @@ class TrainReport:
         table.add_row(f"{row['val_loss']:.4f}", f"{row['val_bpb']:.4f}", f"{row.get('train_loss', float('nan')):.4f}")
         self.print(table)
         if expert_load:
-            ratios = "  ".join(f"L{i}: {r:.2f}" for i, r in enumerate(row["expert_load_max_mean"]))
+            ratios = "  ".join(f"{self._layer(i)}: {r:.2f}" for i, r in enumerate(row["expert_load_max_mean"]))
             self.print(f"expert load max/mean per layer  {ratios}")
         self.plot()
 
@@ -168,11 +173,12 @@ class TrainReport:
         if train:
             steps, values = zip(*train)
             ax.plot(steps, values, color="#4C72B0", alpha=0.3, linewidth=1)
-            smooth, ema = [], values[0]
-            for v in values:  # an exponential moving average shows the trend through batch noise
-                ema = 0.9 * ema + 0.1 * v
-                smooth.append(ema)
-            ax.plot(steps, smooth, label="train loss (EMA 0.9)", color="#4C72B0", linewidth=1.5)
+            ax.plot(steps, _ema(values), label="train loss (EMA 0.9)", color="#4C72B0", linewidth=1.5)
+        mtp = [(r["step"], r["mtp"]) for r in rows if r.get("mtp")]
+        if mtp:  # each MTP depth's own loss: it predicts further ahead, so it sits above the main loss
+            steps, per_depth = zip(*mtp)
+            for depth, values in enumerate(zip(*per_depth), start=1):
+                ax.plot(steps, _ema(values), "--", linewidth=1.2, label=f"MTP depth {depth} loss (EMA 0.9)")
         if val:
             ax.plot(*zip(*val), "o-", label="val loss", color="#DD8452")
         ax.set_ylabel("cross-entropy (nats/token)")
@@ -182,7 +188,7 @@ class TrainReport:
         if load:  # the MoE balance: 1.0 is perfectly even, E means one expert takes every token
             steps, ratios = zip(*load)
             for layer, series in enumerate(zip(*ratios)):
-                axes[1, 0].plot(steps, series, "o-", markersize=3, label=f"layer {layer}")
+                axes[1, 0].plot(steps, series, "o-", markersize=3, label=self._layer(layer))
             axes[1, 0].axhline(1.0, color="grey", linewidth=0.8)
             axes[1, 0].set_ylabel("expert load max/mean")
             axes[1, 0].grid(alpha=0.3)
@@ -195,3 +201,17 @@ class TrainReport:
             self.print(f"[yellow]warning:[/] could not write {escape(self.out_dir / 'loss.png')} ({e.strerror or e})")
         finally:
             plt.close(fig)
+
+
+def _ema(values: tuple[float, ...]) -> list[float]:
+    """An exponential moving average (0.9): it shows the trend through batch noise."""
+    smooth, ema = [], values[0]
+    for v in values:
+        ema = 0.9 * ema + 0.1 * v
+        smooth.append(ema)
+    return smooth
+
+
+def _mtp_text(row: dict[str, Any]) -> str:
+    """The MTP depths' losses after the main loss, e.g. '  mtp 4.1021/4.5310' (nothing without MTP)."""
+    return "  mtp " + "/".join(f"{v:.4f}" for v in row["mtp"]) if row.get("mtp") else ""

@@ -9,7 +9,7 @@ class LayerCache:
     """Named buffers that share one sequence dimension and one fill length.
 
     `append(**new)` writes the new positions after the current length and returns views of
-    everything cached so far.
+    everything cached so far; `truncate(length)` drops the positions past length.
     """
 
     def __init__(self, seq_dim: int, **buffers: torch.Tensor) -> None:
@@ -33,6 +33,12 @@ class LayerCache:
             views.append(buf.narrow(self.seq_dim, 0, end))
         self.length = end
         return tuple(views)
+
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on (speculative decoding's rollback); the buffers stay."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
 
     def nbytes(self) -> int:
         """Bytes the buffers hold (the whole preallocation)."""

@@ -21,15 +21,18 @@ if TYPE_CHECKING:  # experts.py calls these kernels
     from nanods.layers.ffn.experts import RoutedExperts
 
 ROW_MULTIPLE = 64
+# Up to this many tokens without gradients (decoding one sequence, or verifying its drafts), each token
+# runs its own k experts: no sort, and under torch.compile the expert ids become values in the graph.
+FEW_TOKENS = 4
 
 
 def sorted_loop(experts: RoutedExperts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 counts: torch.Tensor) -> torch.Tensor:
     """x (N, C); weights, indices (N, K); counts (E,) -> (N, C), one expert block at a time."""
     N, K = indices.shape
-    if N == 1 and not torch.is_grad_enabled():  # decoding one sequence: its k experts, no sorting
-        return sum(weights[0, k].to(x.dtype) * experts.expert(x, experts.w_in[e], experts.w_out[e])
-                   for k, e in enumerate(indices[0].tolist()))
+    if N <= FEW_TOKENS and not torch.is_grad_enabled():  # a decode step, or a speculative verify: no sorting
+        return torch.cat([sum(weights[i, k].to(x.dtype) * experts.expert(x[i:i + 1], experts.w_in[e], experts.w_out[e])
+                              for k, e in enumerate(ids)) for i, ids in enumerate(indices.tolist())])
     dtype = compute_dtype(x)
     splits = counts.tolist()  # the loop's one host sync per layer
     sizes = [padded_rows(n, x, dtype) for n in splits]
