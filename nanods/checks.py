@@ -80,7 +80,9 @@ MODEL_RANGES: dict[str, Range] = {
     **integers("num_experts top_k n_group topk_group", 1, MAX_EXPERTS),
     **integers("n_shared_experts", 0, MAX_EXPERTS),
     **integers("first_k_dense mtp_depth", 0, MAX_LAYERS),
-    **integers("rope_original_len", 1, MAX_SEQUENCE_LEN),
+    **integers("rope_original_len index_topk", 1, MAX_SEQUENCE_LEN),
+    **integers("index_n_heads", 1, MAX_HEADS),
+    **integers("index_head_dim", 2, MAX_WIDTH),
     "norm_eps": POSITIVE,
     "rope_theta": POSITIVE,
     "rope_factor": Range(1.0),  # 1: no YaRN
@@ -101,7 +103,7 @@ TRAIN_RANGES: dict[str, Range] = {
     # every step draws its whole batch's offsets at once, every eval its batches': bounded, they cannot exhaust memory
     **integers("batch_size micro_batch_size", 1, 2**16),
     **integers("eval_batches", 1, 1000),
-    **integers("warmup_steps", 0),
+    **integers("warmup_steps dsa_dense_steps", 0),
     "lr": POSITIVE,
     "muon_lr": POSITIVE,
     "weight_decay": NON_NEGATIVE,

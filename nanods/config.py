@@ -14,7 +14,7 @@ from typing import Any
 from nanods.checks import MODEL_RANGES, check_fields, check_ranges
 from nanods.errors import NanodsError, did_you_mean
 
-MLA_ATTENTIONS = ("mla",)  # attentions built on MLA's latent cache
+MLA_ATTENTIONS = ("mla", "dsa")  # attentions built on MLA's latent cache
 
 
 def short_name(component: str) -> str:
@@ -74,6 +74,10 @@ class NanoDeepSeekConfig:
     topk_group: int = 1
     bias_update_speed: float = 1e-3
     aux_loss_alpha: float | None = None  # -> 0.0 for sigmoid, 0.01 for softmax
+    # DeepSeek Sparse Attention (attention = "dsa"): the lightning indexer and how many positions it keeps
+    index_n_heads: int = 4
+    index_head_dim: int | None = None  # -> 2 * qk_rope_head_dim (DeepSeek-V3.2: 128 with rope 64)
+    index_topk: int | None = None  # -> sequence_len // 8, at least 16 (DeepSeek-V3.2: 2048 of 128K)
     # multi-token prediction: depth-k modules predict token t+k+1; their loss weight in training
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.3
@@ -99,6 +103,10 @@ class NanoDeepSeekConfig:
             self.qk_rope_head_dim = max(2, head_dim // 2 // 2 * 2)
         if self.v_head_dim is None:
             self.v_head_dim = head_dim
+        if self.index_head_dim is None:
+            self.index_head_dim = 2 * self.qk_rope_head_dim
+        if self.index_topk is None:
+            self.index_topk = max(16, self.sequence_len // 8)
         if self.rope_original_len is None:
             factor = self.rope_factor if self.rope_factor >= 1 else 1.0  # below 1 or nan: refused by validate below
             self.rope_original_len = max(1, round(self.sequence_len / factor))
@@ -115,6 +123,11 @@ class NanoDeepSeekConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def uses_indexer(self) -> bool:
+        """True when the attention is DeepSeek Sparse Attention (its lightning indexer picks the positions)."""
+        return short_name(self.attention) == "dsa"
 
     def validate(self) -> None:
         """Raise NanodsError naming the first inconsistent field."""
@@ -139,6 +152,13 @@ class NanoDeepSeekConfig:
              f"rope_beta_fast ({self.rope_beta_fast}) must be >= rope_beta_slow ({self.rope_beta_slow})"),
             (self.tokenizer_vocab_size is None or 0 < self.tokenizer_vocab_size <= self.vocab_size,
              f"tokenizer_vocab_size ({self.tokenizer_vocab_size}) must be in 1..vocab_size ({self.vocab_size})"),
+            (not self.uses_indexer or self.q_lora_rank > 0,
+             "attention 'dsa' needs query compression: its indexer reads the query latent; set q_lora_rank > 0"),
+            (not self.uses_indexer or self.index_head_dim % 2 == 0,
+             f"index_head_dim ({self.index_head_dim}) must be even: the indexer rotates pairs of dimensions"),
+            (not self.uses_indexer or self.index_head_dim >= self.qk_rope_head_dim,
+             f"index_head_dim ({self.index_head_dim}) must be >= qk_rope_head_dim ({self.qk_rope_head_dim}): the "
+             "indexer's first qk_rope_head_dim dimensions carry the rotary embedding"),
             (self.mtp_depth < self.sequence_len,
              f"mtp_depth ({self.mtp_depth}) must be < sequence_len ({self.sequence_len}): depth k predicts k+1 tokens ahead"),
         ]

@@ -1,4 +1,5 @@
-"""Conversion of a nanods checkpoint to a Hugging Face `DeepseekV3ForCausalLM` directory, and back.
+"""Conversion of a nanods checkpoint to a Hugging Face `DeepseekV3ForCausalLM` directory (or
+`DeepseekV32ForCausalLM` for the `dsa` attention), and back.
 
 `to_hf(src, dst)` writes config.json, generation_config.json, model.safetensors (sharded with an
 index past 5 GB), tokenizer.json and tokenizer_config.json into a temporary folder beside dst and
@@ -8,7 +9,8 @@ hold (relu² experts, MHA, a softmax or plugin router, ...) is refused before an
 Weight mapping: transformers rotates interleaved rope pairs
 (2i, 2i+1) (`rope_interleave`, its default) where nanods rotates (i, i + D/2), so the rope rows of
 each query head and of the shared rope key are reordered [0, D/2, 1, D/2+1, ...]; routed experts
-are stored per expert (`mlp.experts.{e}.gate_proj/up_proj/down_proj`), as transformers saves them.
+are stored per expert (`mlp.experts.{e}.gate_proj/up_proj/down_proj`), as transformers saves them;
+DSA's lightning indexer (`self_attn.indexer.*`) rotates half-split pairs on both sides and is copied.
 
 `from_hf(src, dst)` reverses it: config.json (with transformers' defaults for absent keys) -> the
 NanoDeepSeekConfig of the same model, every tensor's shape checked against it from the safetensors
@@ -69,8 +71,8 @@ def unsupported(config: NanoDeepSeekConfig) -> list[str]:
 
     if config.activation != "swiglu":
         problems.append(f"activation='{config.activation}' (needs 'swiglu')")
-    if short_name(config.attention) != "mla" or plugin("attention"):
-        problems.append(f"{named('attention', config.attention)} (needs nanods' built-in 'mla')")
+    if short_name(config.attention) not in ("mla", "dsa") or plugin("attention"):
+        problems.append(f"{named('attention', config.attention)} (needs nanods' built-in 'mla' or 'dsa')")
     if short_name(config.ffn) not in ("moe", "dense") or plugin("ffn"):
         problems.append(f"{named('ffn', config.ffn)} (needs nanods' built-in 'moe' or 'dense')")
     moe = short_name(config.ffn) == "moe" and config.first_k_dense < config.n_layer
@@ -101,9 +103,12 @@ def hf_config(config: NanoDeepSeekConfig, eot_id: int | None, dtype: torch.dtype
                 "original_max_position_embeddings": int(config.rope_original_len),
                 "beta_fast": float(config.rope_beta_fast), "beta_slow": float(config.rope_beta_slow),
                 "mscale": float(config.rope_mscale), "mscale_all_dim": float(config.rope_mscale_all_dim)}
+    sparse = {"index_n_heads": config.index_n_heads, "index_head_dim": config.index_head_dim,
+              "index_topk": config.index_topk} if config.uses_indexer else {}
     return {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
+        "architectures": ["DeepseekV32ForCausalLM" if sparse else "DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v32" if sparse else "deepseek_v3",
+        **sparse,
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
         "intermediate_size": config.ffn_hidden,
@@ -155,6 +160,10 @@ def interleave_rows(w: torch.Tensor, start: int, width: int, block: int, inverse
     return w
 
 
+# DeepSeek-V3.2's lightning indexer, the same names in nanods (attn.indexer.) and transformers (self_attn.indexer.)
+INDEXER_WEIGHTS = ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight")
+
+
 def _routed(config: NanoDeepSeekConfig, layer: int) -> bool:
     """Whether layer (trunk index; MTP depth k is n_layer + k) holds routed experts."""
     return short_name(config.ffn) == "moe" and layer >= config.first_k_dense
@@ -192,6 +201,8 @@ def hf_state(model: NanoDeepSeek) -> dict[str, torch.Tensor]:
         out[b + "kv_a_layernorm.weight"] = norm(a + "kv_norm.weight", config.kv_lora_rank)
         out[b + "kv_b_proj.weight"] = sd[a + "wkv_b.weight"]
         out[b + "o_proj.weight"] = sd[a + "wo.weight"]
+        for name in INDEXER_WEIGHTS if config.uses_indexer else ():  # its rope is half-split in both: a plain copy
+            out[f"{b}indexer.{name}"] = sd[f"{a}indexer.{name}"]
         f, m = src + "ffn.", dst + "mlp"
         if moe:
             out[m + ".gate.weight"] = sd[f + "router.weight"].float()
@@ -328,6 +339,7 @@ HF_DEFAULTS: dict[str, Any] = {
     "first_k_dense_replace": 3, "norm_topk_prob": True, "hidden_act": "silu", "max_position_embeddings": 4096,
     "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_interleave": True, "attention_bias": False,
     "num_nextn_predict_layers": 1,
+    "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048,  # DeepseekV32Config's
 }
 # the exported config.json keeps the nanods config under this key, so a round trip restores what
 # DeepseekV3 has no field for (n_kv_head, training-only fields, ...); it is used only while it agrees
@@ -376,9 +388,10 @@ def _rope_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
 def nanods_config(hf: dict[str, Any], where: str = "config.json") -> NanoDeepSeekConfig:
     """A DeepseekV3 config.json's values -> the NanoDeepSeekConfig of the same model (what transformers
     reads, with its defaults for absent keys); what it cannot express is refused."""
-    if hf.get("model_type") != "deepseek_v3":
-        raise NanodsError(f"{where}: model_type is {hf.get('model_type')!r}, not 'deepseek_v3'; only "
-                          "DeepseekV3ForCausalLM folders can be imported")
+    if hf.get("model_type") not in ("deepseek_v3", "deepseek_v32"):
+        raise NanodsError(f"{where}: model_type is {hf.get('model_type')!r}, not 'deepseek_v3' or 'deepseek_v32'; "
+                          "only DeepseekV3ForCausalLM and DeepseekV32ForCausalLM folders can be imported")
+    sparse = hf["model_type"] == "deepseek_v32"
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?") if isinstance(hf["quantization_config"], dict) else "?"
         raise NanodsError(f"{where}: the weights are quantized ({method}, e.g. DeepSeek-V3's FP8); nanods imports "
@@ -404,7 +417,7 @@ def nanods_config(hf: dict[str, Any], where: str = "config.json") -> NanoDeepSee
         "kv_lora_rank": _hf_value(hf, "kv_lora_rank"),
         "num_experts": _hf_value(hf, "n_routed_experts"),
         "top_k": _hf_value(hf, "num_experts_per_tok"),
-        "attention": "mla",
+        "attention": "dsa" if sparse else "mla",
         "ffn": "moe" if moe else "dense",
         "router": "sigmoid",
         "norm_weights": True,
@@ -424,6 +437,7 @@ def nanods_config(hf: dict[str, Any], where: str = "config.json") -> NanoDeepSee
         "n_group": _hf_value(hf, "n_group"),
         "topk_group": _hf_value(hf, "topk_group"),
         "mtp_depth": _hf_value(hf, "num_nextn_predict_layers"),
+        **({key: _hf_value(hf, key) for key in ("index_n_heads", "index_head_dim", "index_topk")} if sparse else {}),
         **_rope_fields(hf, where),
     }
     return NanoDeepSeekConfig.from_dict(values, where)
@@ -472,6 +486,8 @@ def hf_plan(config: NanoDeepSeekConfig, fused: set[int], interleaved: bool) -> t
         same(a + "kv_norm.weight", b + "kv_a_layernorm.weight")
         same(a + "wkv_b.weight", b + "kv_b_proj.weight")
         same(a + "wo.weight", b + "o_proj.weight")
+        for name in INDEXER_WEIGHTS if config.uses_indexer else ():
+            same(f"{a}indexer.{name}", f"{b}indexer.{name}")
         f, m = src + "ffn.", dst + "mlp"
         if not moe:
             swiglu(f + "w_in.weight", f + "w_out.weight", m)
@@ -634,7 +650,8 @@ def from_hf(src: str | Path, dst: str | Path) -> Path:
     if config.tie_embeddings:
         ignored.add("lm_head.weight")  # transformers ties it to the embedding, as nanods does
     fused = {i for i in range(n_layer + config.mtp_depth) if f"model.layers.{i}.mlp.experts.gate_up_proj" in found}
-    shapes, plan = hf_plan(config, fused, _hf_value(hf, "rope_interleave") is not False)
+    interleaved = config.uses_indexer or _hf_value(hf, "rope_interleave") is not False  # DeepseekV32 always is
+    shapes, plan = hf_plan(config, fused, interleaved)
     present = found.keys() - ignored
     missing, unexpected = sorted(shapes.keys() - present), sorted(present - shapes.keys())
     if missing or unexpected:

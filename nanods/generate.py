@@ -84,6 +84,8 @@ def stream(model: NanoDeepSeek, idx: torch.Tensor, max_new_tokens: int, temperat
     def pick(logits: torch.Tensor) -> torch.Tensor:
         return sample_next(logits[:, :limit], temperature, top_k, top_p, generator)
 
+    if max_new_tokens == 0:
+        return
     was_training = model.training
     model.eval()
     inference = torch.inference_mode()  # cheaper per op than no_grad; entered only around compute, never across a yield

@@ -23,6 +23,7 @@ class LossTerms(NamedTuple):
     ce: torch.Tensor  # mean next-token cross-entropy
     aux: torch.Tensor  # sum of the layers' auxiliary (balance) losses, already weighted
     mtp: torch.Tensor  # (mtp_depth,) mean cross-entropy of each MTP depth; empty without MTP or in eval mode
+    indexer: torch.Tensor  # mean over layers of the sparse-attention indexers' KL losses (0 without an indexer)
 
 
 class Block(nn.Module):
@@ -132,8 +133,21 @@ class NanoDeepSeek(nn.Module):
                 mtp.append(linear_cross_entropy(module.norm(h).flatten(0, 1), self.lm_head.weight,
                                                 targets[:, k:].flatten(), ignore_index=-1))
         mtp = torch.stack(mtp) if mtp else ce.new_zeros(0)
-        total = ce + aux + (self.config.mtp_loss_weight * mtp.mean() if mtp.numel() else 0)
-        return LossTerms(total, ce, aux, mtp)
+        indexer = self._indexer_loss() if self.training else None
+        total = ce + aux + (self.config.mtp_loss_weight * mtp.mean() if mtp.numel() else 0) \
+            + (indexer if indexer is not None else 0)
+        return LossTerms(total, ce, aux, mtp, indexer if indexer is not None else ce.new_zeros(()))
+
+    def _indexer_loss(self) -> torch.Tensor | None:
+        """The mean of the losses that attentions with a learned indexer (DSA) left in their last training
+        forward; it trains the indexers alone (their inputs are detached)."""
+        losses = []
+        for block in [*self.blocks, *(m.block for m in self.mtp)]:
+            loss = getattr(block.attn, "indexer_loss", None)
+            if loss is not None:
+                losses.append(loss)
+                block.attn.indexer_loss = None
+        return torch.stack(losses).mean() if losses else None
 
     def init_cache(self, batch: int, max_len: int, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> list:

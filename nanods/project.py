@@ -52,6 +52,10 @@ class TrainSettings:
     compile: bool = False  # torch.compile the model
     fast_paths: bool = True  # nanods.fast_paths: explicit short bf16 attention on CPU (and the final sample's decode)
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard per block)
+    # attention = "dsa": the first dsa_dense_steps attend densely while the indexer learns the attention's
+    # distribution; with dsa_dense_frozen (default: when --init-from) nothing else learns in those steps
+    dsa_dense_steps: int = 50
+    dsa_dense_frozen: bool | None = None
 
     def __post_init__(self) -> None:
         check_ranges(self, TRAIN_RANGES, "train.")

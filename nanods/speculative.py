@@ -173,7 +173,7 @@ class SelfSpeculation:
         for cache in self.cache:
             cache.truncate(kept)
         for k, cache in enumerate(self.mtp_caches, start=1):
-            self.cached[k - 1] = min(self.cached[k - 1], kept - k)
+            self.cached[k - 1] = max(0, min(self.cached[k - 1], kept - k))  # a prompt shorter than the depth: 0
             cache.truncate(self.cached[k - 1])
         self.n = kept
 

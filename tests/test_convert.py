@@ -492,3 +492,52 @@ def test_mtp_modules_convert_both_ways_in_deepseeks_layout(tmp_path):
     assert plain.config.mtp_depth == 0 and not plain.mtp
     with torch.no_grad():
         assert torch.equal(plain(idx), model(idx))
+
+
+def _positive_index_weights(model):
+    """Indexer weights w(t, j) > 0 with 16 heads: a score is exactly 0 only when all 16 ReLUs are, so the top-k
+    has no ties, whose order transformers' topk and nanods' stable sort break differently."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "weights_proj" in name:
+                p.abs_()
+            elif "k_norm.bias" in name:
+                p.uniform_(-0.1, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("topk", [8, 64])
+def test_dsa_matches_transformers_deepseek_v32_both_ways(topk, tmp_path):
+    """dsa exports as DeepseekV32ForCausalLM and imports back; logits agree with the top-k shorter than the
+    context (the sparse selection at work) and longer (MLA itself)."""
+    from nanods.convert import from_hf
+
+    model = _positive_index_weights(_random_model(5, **CONFIGS["q_lora"], attention="dsa", index_n_heads=16,
+                                                  index_head_dim=16, index_topk=topk)).eval()
+    dst = to_hf(_save(tmp_path, model), tmp_path / "hf")
+    config = json.loads((dst / "config.json").read_text())
+    assert (config["model_type"], config["index_topk"], config["index_n_heads"]) == ("deepseek_v32", topk, 16)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(dst, output_loading_info=True, dtype=torch.float32)
+    assert type(hf).__name__ == "DeepseekV32ForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    delta = _logit_delta(model, hf.eval())
+    print(f"dsa top-{topk}: max |dlogit| = {delta:.2e}")
+    assert delta <= 1e-4
+    back, _ = checkpoint.load(from_hf(dst, tmp_path / "back.safetensors"))
+    assert back.config == model.config
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_transformers_deepseek_v32_folder_imports_to_the_same_model(tmp_path):
+    from nanods.convert import from_hf
+
+    torch.manual_seed(0)
+    config = transformers.DeepseekV32Config(**{k: v for k, v in HF_TINY.items()}, index_n_heads=16,
+                                            index_head_dim=16, index_topk=8, rope_parameters=YARN)
+    hf = _positive_index_weights(transformers.DeepseekV32ForCausalLM(config)).eval()
+    ours, _ = checkpoint.load(from_hf(_hf_folder(tmp_path / "hf", hf), tmp_path / "ours.safetensors"))
+    assert ours.config.attention == "dsa" and ours.config.index_topk == 8
+    delta = _logit_delta(ours, hf)
+    print(f"imported deepseek_v32: max |dlogit| = {delta:.2e}")
+    assert delta <= 1e-4

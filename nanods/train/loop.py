@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from nanods import checkpoint, fast_paths
-from nanods.config import NanoDeepSeekConfig, round_up
+from nanods.config import NanoDeepSeekConfig, round_up, short_name
 from nanods.data import Batches, Corpus, load_corpus, load_tokenizer, tokenize
 from nanods.device import peak_memory, resolve_device, resolve_dtype
 from nanods.errors import NanodsError
@@ -42,8 +42,9 @@ from nanods.train.resume import resumed_project
 from nanods.train.run_dir import RunDir
 from nanods.train.schedule import lr_factor
 
-# model fields --init-from may change: the MTP modules ride on the trunk, which the weights fix
-INIT_FROM_CHANGES = ("mtp_depth", "mtp_loss_weight")
+# model fields --init-from may change: the MTP modules and DSA's indexer ride on the trunk, which the weights
+# fix (attention only from mla to dsa: the same MLA weights; checked in _init_source)
+INIT_FROM_CHANGES = ("mtp_depth", "mtp_loss_weight", "attention", "index_n_heads", "index_head_dim", "index_topk")
 # settings that must not change under --resume: what a step computes, and the budget whose plan the run keeps
 FROZEN_TRAIN = ("data", "extensions", "tokenizer", "batch_size", "micro_batch_size", "seq_len", "seed", "optimizer",
                 "time_budget")
@@ -175,11 +176,15 @@ class Trainer:
         check_training_fits(model_config, micro, s.seq_len, self.dtype, self.device)  # before allocating anything
         torch.manual_seed(s.seed)
         self.model = NanoDeepSeek(model_config).to(self.device)
-        if source is not None:  # MTP depths added by --init-from keep their fresh initialisation
-            added = {k: v for k, v in self.model.state_dict().items() if k.startswith("mtp.") and k not in source["weights"]}
+        if source is not None:  # MTP depths and indexers added by --init-from keep their fresh initialisation
+            added = {k: v for k, v in self.model.state_dict().items()
+                     if (k.startswith("mtp.") or ".indexer." in k) and k not in source["weights"]}
             self.model.load_state_dict({**source["weights"], **(added if run.init_from else {})},
                                        strict=not model_config.tie_embeddings)
         self.report.layer_names = [_layer_name(name) for name, m in self.model.named_modules() if isinstance(m, MoE)]
+        self.indexed = [m for m in self.model.modules() if hasattr(m, "indexer_loss")]  # DSA attentions
+        if s.dsa_dense_frozen is None:  # continuing a trained model: its indexer warms up alone
+            s.dsa_dense_frozen = bool(run.init_from)
         self.net = wrap(self.model, self.world, s.parallel)  # what forward and backward go through
         self.optimizers = build_optimizers(self.model, s, self.device)
         self.report.print(describe_split(self.model, s))
@@ -288,6 +293,10 @@ class Trainer:
         if changed:  # the weights fix the model: a silently ignored option would mislead
             raise NanodsError(f"--init-from takes the model from '{path}', which differs from the command line: "
                               f"{'; '.join(changed)}; drop those options, or train a new model without --init-from")
+        attention = given.get("attention", stored["attention"])
+        if attention != stored["attention"] and (short_name(stored["attention"]), short_name(attention)) != ("mla", "dsa"):
+            raise NanodsError(f"--init-from '{path}' has attention '{stored['attention']}'; a checkpoint's attention can "
+                              "only change from mla to dsa (the same MLA weights, plus a new indexer)")
         source["config"] = NanoDeepSeekConfig.from_dict(
             {**stored, **{k: v for k, v in given.items() if k in INIT_FROM_CHANGES}}, "the command line")
         depth, before = source["config"].mtp_depth, stored["mtp_depth"]
@@ -347,7 +356,12 @@ class Trainer:
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-        parts = torch.zeros(2 + self.model.config.mtp_depth, device=self.device)  # (ce, aux, mtp...) over micro-batches
+        dense = self.step < s.dsa_dense_steps
+        for attention in self.indexed:  # DSA's stage: dense warm-up, then sparse
+            attention.dense = dense
+        frozen = dense and bool(self.indexed) and s.dsa_dense_frozen
+        # (ce, aux, indexer, mtp...) summed over micro-batches
+        parts = torch.zeros(3 + self.model.config.mtp_depth, device=self.device)
         for micro in range(self.accum):
             x, y = self.batches.get(self.step, micro)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -357,8 +371,9 @@ class Trainer:
                 with self.autocast():
                     terms = self.forward(x, y, return_terms=True)
                 (terms.total / self.accum).backward()
-            parts += torch.cat([terms.ce.detach()[None], terms.aux.detach()[None], terms.mtp.detach()]) / self.accum
-        ce, aux, *mtp = (self.world.all_reduce_sum(parts) / self.world.world_size).tolist()  # one host sync per step
+            parts += torch.cat([terms.ce.detach()[None], terms.aux.detach()[None], terms.indexer.detach()[None],
+                                terms.mtp.detach()]) / self.accum
+        ce, aux, indexer, *mtp = (self.world.all_reduce_sum(parts) / self.world.world_size).tolist()  # one host sync
         loss = ce + aux
         if not math.isfinite(loss + sum(mtp)):
             kept = f"the last good checkpoint (step {self.last_good_step}) is kept" if self.last_good_step \
@@ -366,10 +381,14 @@ class Trainer:
             what = f"loss became {loss}" if not math.isfinite(loss) else f"the MTP loss became {sum(mtp)}"
             raise NanodsError(f"{what} at step {self.step + 1}; stopped without saving ({kept}). "
                               "Try a lower train.lr or train.dtype = \"float32\"")
+        if frozen:  # the frozen warm-up: only the indexers learn, the rest (expert biases included) stays
+            for name, p in self.model.named_parameters():
+                if ".indexer." not in name:
+                    p.grad = None
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
         # before the optimizer step: the bias follows this step's load
-        counts = update_expert_bias(self.model, self.world.all_reduce_sum)
+        counts = None if frozen else update_expert_bias(self.model, self.world.all_reduce_sum)
         if counts is not None:
             self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
         for optimizer in self.optimizers:
@@ -378,6 +397,8 @@ class Trainer:
         self.step += 1
         self.tokens_seen += s.batch_size * s.seq_len
         row = {"loss": loss, "ce": ce, "aux": aux, "lr": s.lr * factor}
+        if self.indexed:
+            row |= {"indexer": indexer, "dsa_stage": ("dense, frozen" if frozen else "dense") if dense else "sparse"}
         return row | ({"mtp": mtp} if mtp else {})
 
     @torch.no_grad()

@@ -57,10 +57,10 @@ class TrainReport:
             # with a budget the bar fills with time, or with steps when the step count ends the run first
             done = max(row["wall"], self.budget * row["step"] / total) if self.budget else row["step"]
             self.bar.update(self.task, completed=min(done, self.budget or total), total=self.budget or total, steps=steps,
-                            loss=f"{row['loss']:.4f}{_mtp_text(row)}", lr=f"{row['lr']:.2e}",
+                            loss=f"{row['loss']:.4f}{_extra_losses(row)}", lr=f"{row['lr']:.2e}",
                             tps=f"{row['tok_per_s']:,.0f}", mfu=f"{100 * row['mfu']:.1f}%")
         elif row["step"] % self.log_every == 0 or row["step"] in (1, total):
-            self.console.print(f"step {steps}  loss {row['loss']:.4f}{_mtp_text(row)}  lr {row['lr']:.2e}  "
+            self.console.print(f"step {steps}  loss {row['loss']:.4f}{_extra_losses(row)}  lr {row['lr']:.2e}  "
                                f"{row['tok_per_s']:,.0f} tok/s  MFU {100 * row['mfu']:.1f}%", highlight=False)
 
     def eval(self, row: dict[str, Any], expert_load: list[list[float]] | None) -> None:
@@ -212,6 +212,8 @@ def _ema(values: tuple[float, ...]) -> list[float]:
     return smooth
 
 
-def _mtp_text(row: dict[str, Any]) -> str:
-    """The MTP depths' losses after the main loss, e.g. '  mtp 4.1021/4.5310' (nothing without MTP)."""
-    return "  mtp " + "/".join(f"{v:.4f}" for v in row["mtp"]) if row.get("mtp") else ""
+def _extra_losses(row: dict[str, Any]) -> str:
+    """What follows the main loss: the MTP depths' losses and DSA's indexer loss with its stage,
+    e.g. '  mtp 4.1021/4.5310  indexer 0.0132 (sparse)' (nothing without them)."""
+    text = "  mtp " + "/".join(f"{v:.4f}" for v in row["mtp"]) if row.get("mtp") else ""
+    return text + (f"  indexer {row['indexer']:.4f} ({row['dsa_stage']})" if "indexer" in row else "")

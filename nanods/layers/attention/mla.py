@@ -57,20 +57,36 @@ class MultiHeadLatentAttention(nn.Module):
         self.softmax_scale = qk_dim ** -0.5 * self.rotary.softmax_factor
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        cfg = self.config
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if cfg.q_lora_rank else self.wq(x)
-        q_nope, q_pe = q.view(B, T, self.n_head, -1).split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, pos, self.rotary)
-        c_kv, k_pe = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
-        k_pe = apply_rope(k_pe.unsqueeze(2), pos, self.rotary).squeeze(2)
-        latent = torch.cat([self.kv_norm(c_kv), k_pe], dim=-1)  # (B, T, rank + rope): all that is cached
+        q_nope, q_pe, _ = self.queries(x, pos)
+        latent = self.latent(x, pos)  # (B, T, rank + rope): all that is cached
         past = 0
         if cache is not None:
             past = cache.length
             (latent,) = cache.append(latent=latent)
+        return self.output(self.attend_latent(q_nope, q_pe, latent, past))
+
+    def queries(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q_nope, q_pe) per head, (B, T, H, nope / rope), rope applied; and the query latent (None without)."""
+        B, T, _ = x.shape
+        q_latent = self.q_norm(self.wq_a(x)) if self.config.q_lora_rank else None
+        q = self.wq_b(q_latent) if q_latent is not None else self.wq(x)
+        q_nope, q_pe = q.view(B, T, self.n_head, -1).split([self.nope, self.rope], dim=-1)
+        return q_nope, apply_rope(q_pe, pos, self.rotary), q_latent
+
+    def latent(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The cached rows [kv_norm(c_kv) ; k_pe] (B, T, rank + rope), rope applied to k_pe."""
+        c_kv, k_pe = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), pos, self.rotary).squeeze(2)
+        return torch.cat([self.kv_norm(c_kv), k_pe], dim=-1)
+
+    def attend_latent(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, past: int) -> torch.Tensor:
+        """Causal attention of the queries over every latent row -> (B, T, H, v_dim): absorbed or naive."""
         absorbed = self.absorb == "always" or (self.absorb == "auto" and past > 0)
-        y = self._attend_absorbed(q_nope, q_pe, latent, past) if absorbed else self._attend_naive(q_nope, q_pe, latent, past)
+        return self._attend_absorbed(q_nope, q_pe, latent, past) if absorbed else self._attend_naive(q_nope, q_pe, latent, past)
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, v_dim) -> (B, T, C) through wo."""
+        B, T = y.shape[:2]
         return self.wo(y.reshape(B, T, self.n_head * self.v_dim))
 
     def _attend_naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, past: int) -> torch.Tensor:

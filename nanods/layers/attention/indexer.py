@@ -1,0 +1,82 @@
+"""The lightning indexer of DeepSeek Sparse Attention (DeepSeek-V3.2): which past positions each query reads.
+
+A few small heads score every (query t, key s) pair cheaply:
+
+    I(t, s) = sum_j w(t, j) * ReLU(q(t, j) . k(s))
+
+q(t, j) comes from the query latent (MLA's compressed query), k(s) is one key per position from
+the hidden state through a LayerNorm, and w(t, j) a per-head weight from the hidden state. The
+first qk_rope_head_dim dimensions of q and k carry the rotary embedding, rotated as halves
+(pairs (i, i + d/2)), not as MLA's interleaved pairs. The attention then reads only the
+index_topk best-scoring positions of each query.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanods.config import NanoDeepSeekConfig
+from nanods.layers.rope import Rope, apply_rope
+
+SCORE_ELEMENTS = 1 << 24  # scores computed per chunk of queries (heads x queries x keys): 64 MiB in float32
+
+
+class LightningIndexer(nn.Module):
+    def __init__(self, config: NanoDeepSeekConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope = config.index_n_heads, config.index_head_dim, config.qk_rope_head_dim
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.n_embd, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(config.n_embd, self.n_heads, bias=False)
+        self.rotary = Rope.from_config(config)
+        # transformers' DeepseekV32: q.k scaled by head_dim^-0.5 inside the ReLU, weights by n_heads^-0.5
+        self.scale = self.head_dim ** -0.5 * self.n_heads ** -0.5
+
+    def _rotate(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Rope on the first `rope` dimensions of t (B, T, heads, head_dim), the rest untouched."""
+        rot, rest = t.split([self.rope, self.head_dim - self.rope], dim=-1)
+        return torch.cat([apply_rope(rot, pos, self.rotary), rest], dim=-1)
+
+    def keys(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One key per position (B, T, head_dim): what the cache keeps beside MLA's latent."""
+        return self._rotate(self.k_norm(self.wk(x)).unsqueeze(2), pos).squeeze(2)
+
+    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
+               rows: slice = slice(None)) -> torch.Tensor:
+        """I(t, s) (B, T', S) in float32 for the queries `rows` of x (B, T, C) / q_latent at positions pos,
+        against every key (B, S, head_dim)."""
+        x, q_latent, pos = x[:, rows], q_latent[:, rows], pos[:, rows]
+        B, T, _ = x.shape
+        q = self._rotate(self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim), pos)
+        w = self.weights_proj(x)  # (B, T, heads)
+        with torch.autocast(x.device.type, enabled=False):  # float32 scores: the ranking and the KL need them
+            dots = torch.einsum("bthd,bsd->bths", q.float(), keys.float()).relu()  # (B, T, heads, S)
+            return torch.einsum("bth,bths->bts", w.float() * self.scale, dots)
+
+    def select(self, x: torch.Tensor, q_latent: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor, past: int,
+               topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The topk best positions of each query (B, T, topk) among those it may see (s <= past + t), and
+        whether each pick is such a position (False where fewer than topk exist yet).
+
+        Scores are computed a chunk of queries at a time, so a long prefill never holds a dense
+        (heads, T, S) score tensor; selection carries no gradient.
+        """
+        B, T, _ = x.shape
+        S = keys.size(1)
+        chunk = max(1, SCORE_ELEMENTS // (self.n_heads * S * B))
+        picks, valid = [], []
+        with torch.no_grad():
+            for start in range(0, T, chunk):
+                rows = slice(start, min(T, start + chunk))
+                scores = self.scores(x, q_latent, pos, keys, rows)
+                query = torch.arange(rows.start, rows.stop, device=x.device) + past
+                visible = torch.arange(S, device=x.device) <= query[:, None]  # (T', S)
+                # a stable sort: equal scores (ReLU's zeros) go to the earlier position, whatever the row length,
+                # so a cached decode step picks what the full forward picks
+                top = scores.masked_fill(~visible, float("-inf")).sort(dim=-1, descending=True, stable=True)
+                top = top.indices[..., :topk]
+                picks.append(top)
+                valid.append(top <= query[:, None])
+        return torch.cat(picks, dim=1), torch.cat(valid, dim=1)
