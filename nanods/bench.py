@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from nanods import fast_paths
+from nanods import fast_paths, registry
 from nanods.config import NanoDeepSeekConfig
 from nanods.errors import NanodsError
 from nanods.flops import count_parameters, flops_per_token
@@ -285,6 +285,57 @@ def bench_speculative(model: NanoDeepSeek, prompt: list[int], new: int, device: 
     return {"new_tokens": new, "rows": rows}
 
 
+LONG_CONTEXTS = (1024, 2048, 4096, 8192, 16384)
+
+
+@torch.inference_mode()
+def bench_long_context(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, repeats: int,
+                       contexts: tuple[int, ...] = LONG_CONTEXTS, topk: int = 512,
+                       progress: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
+    """Seconds per attention layer of `mla` and `dsa` (index_topk = topk) at each context length, one
+    sequence: a prefill of the whole context, and one decode step after context - 1 cached positions.
+
+    The two layers have the same MLA weights (dsa adds its indexer) and run alternately on the same
+    inputs; the cache is filled with random rows, as only its size matters for the time.
+    """
+    rows = []
+    for context in contexts:
+        sized = NanoDeepSeekConfig(**{**config.to_dict(), "sequence_len": max(context, config.sequence_len),
+                                      "index_topk": topk, "q_lora_rank": config.q_lora_rank or config.kv_lora_rank})
+        torch.manual_seed(0)
+        layers = {name: registry.build("attention", name, NanoDeepSeekConfig(**{**sized.to_dict(), "attention": name}),
+                                       0).to(device, dtype).eval() for name in ("mla", "dsa")}
+        layers["dsa"].load_state_dict(layers["mla"].state_dict(), strict=False)
+        x = torch.randn(1, context, config.n_embd, device=device, dtype=dtype)
+        pos = torch.arange(context, device=device)[None]
+        caches = {}
+        for name, layer in layers.items():
+            cache = caches[name] = layer.init_cache(1, context, device, dtype)
+            for buf in cache.buffers.values():
+                buf.normal_()
+        seconds: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in layers}
+        for i in range(repeats + 1):  # the first round warms up
+            for name, layer in layers.items():
+                progress(f"long context {context}, {name}")
+                for stage in ("prefill", "decode"):
+                    cache = caches[name]
+                    cache.length = context - 1
+                    start = time.perf_counter()
+                    if stage == "prefill":
+                        layer(x, pos)
+                    else:
+                        layer(x[:, -1:], pos[:, -1:], cache)
+                    sync(device)
+                    if i:
+                        seconds[name][stage].append(time.perf_counter() - start)
+        row: dict[str, Any] = {"context": context, "index_topk": topk}
+        for name in layers:
+            for stage in ("prefill", "decode"):
+                row[f"{name}_{stage}_s"] = statistics.median(seconds[name][stage])
+        rows.append(row)
+    return rows
+
+
 def _spread(rate: dict[str, float]) -> str:
     return f"{rate['median']:,.0f} ({rate['low']:,.0f}-{rate['high']:,.0f})"
 
@@ -320,6 +371,13 @@ def print_result(r: dict[str, Any], console: Console) -> None:
             table.add_row(f"greedy b1, {n} new, {sp['path']}: speculative tok/s", _spread(sp["speculative"]),
                           f"{sp['speedup']:.2f}x; drafts accepted {rates} (per depth), {sp['tokens_per_step']:.2f} "
                           f"tokens per main step; {'same' if sp['identical'] else '[bold red]different[/]'} tokens")
+    for row in r.get("long_context", []):
+        mla, dsa = (row["mla_prefill_s"], row["mla_decode_s"]), (row["dsa_prefill_s"], row["dsa_decode_s"])
+        table.add_row(f"attention layer, context {row['context']:,}: prefill mla / dsa",
+                      f"{mla[0] * 1e3:,.1f} / {dsa[0] * 1e3:,.1f} ms", f"dsa {mla[0] / dsa[0]:.2f}x faster "
+                      f"(index_topk {row['index_topk']})")
+        table.add_row(f"attention layer, context {row['context']:,}: decode mla / dsa",
+                      f"{mla[1] * 1e3:,.2f} / {dsa[1] * 1e3:,.2f} ms", f"dsa {mla[1] / dsa[1]:.2f}x faster")
     if "moe_vs_dense" in r:
         m = r["moe_vs_dense"]
         table.add_row("MoE FFN fwd+bwd / active-dense twin", f"{m['ratio']:.2f}x",

@@ -338,6 +338,9 @@ def bench(
                                           "compiling takes tens of seconds).")] = False,
     plain: Annotated[bool, typer.Option("--plain", help="Measure the plain model, without the CPU fast paths "
                                         "(docs/performance.md).")] = False,
+    long_context: Annotated[bool, typer.Option("--long-context", help="Add per-layer attention times of mla and dsa "
+                                               "(index_topk 512) at contexts 1K-16K: prefill and one decode "
+                                               "step (a few minutes).")] = False,
     ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="A trained checkpoint with MTP (mtp_depth >= 1): "
                                                  "measure its config, and add plain vs speculative greedy decoding "
                                                  "of 256 tokens with its weights.")] = None,
@@ -378,6 +381,10 @@ def bench(
     with err.status("measuring") as status:
         result = benchmarks.run(model, torch_device, torch_dtype, repeats, compile=compile, fast=not plain,
                                 progress=lambda what: status.update(f"measuring {what}"))
+        if long_context:
+            result["long_context"] = benchmarks.bench_long_context(
+                model, torch_device, torch_dtype, min(repeats, 2),
+                progress=lambda what: status.update(f"measuring {what}"))
         if trained is not None:
             status.update("measuring plain vs speculative decoding")
             prompt = [tokenizer.eot_id] + tokenizer.encode("def ")

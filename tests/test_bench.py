@@ -95,3 +95,12 @@ def test_bench_ctrl_c_says_interrupted(monkeypatch, capsys):
 
     code, out, err = bench_cli(["--scale", "tiny", "--json"], monkeypatch, capsys, run=interrupted)
     assert code == 130 and out == "" and err.strip() == "interrupted"
+
+
+def test_long_context_rows_time_mla_and_dsa_per_layer():
+    from nanods.bench import bench_long_context
+
+    rows = bench_long_context(tiny_config(), torch.device("cpu"), torch.float32, repeats=1, contexts=(16, 48), topk=8)
+    assert [(r["context"], r["index_topk"]) for r in rows] == [(16, 8), (48, 8)]
+    for r in rows:
+        assert all(r[f"{a}_{s}_s"] > 0 for a in ("mla", "dsa") for s in ("prefill", "decode"))

@@ -1,5 +1,6 @@
 """Multi-token prediction: the modules, their loss, and self-speculative decoding with them."""
 
+import functools
 import math
 
 import pytest
@@ -27,9 +28,14 @@ def _cyclic_batch(generator: torch.Generator, cycle: torch.Tensor, rows: int, le
 
 @pytest.fixture(scope="module", params=[1, 2])
 def trained(request):
+    return _trained(request.param)
+
+
+@functools.cache
+def _trained(depth: int):
     """A float64 tiny model with MTP trained on a noisy cycle, so its drafts pass often but not always."""
     torch.manual_seed(0)
-    model = NanoDeepSeek(tiny_config(vocab_size=VOCAB, mtp_depth=request.param)).double()
+    model = NanoDeepSeek(tiny_config(vocab_size=VOCAB, mtp_depth=depth)).double()
     g = torch.Generator().manual_seed(0)
     cycle = torch.randint(0, VOCAB, (11,), generator=g)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -283,8 +289,8 @@ def test_speculative_refuses_a_model_without_mtp():
 
 
 @pytest.mark.slow
-def test_compiled_speculative_equals_plain_greedy(trained):
-    model, cycle = trained
+def test_compiled_speculative_equals_plain_greedy():
+    model, cycle = _trained(2)
     prompt = _prompts(cycle)[1]
     got, stats = _speculative(model, prompt, 24, temperature=0, compile=True)
     assert torch.equal(got, _plain(model, prompt, 24, temperature=0)) and sum(stats.accepted) > 0
@@ -381,43 +387,3 @@ def test_bench_measures_speculative_decoding_of_a_checkpoint(mtp_run, monkeypatc
     assert sp["plain"]["median"] > 0 and sp["speculative"]["median"] > 0 and sp["tokens_per_step"] >= 1
     code, out, err = main_in_process(["bench", "--ckpt", str(root / "plain")], capsys)
     assert code == 1 and "no MTP modules" in err
-
-
-@pytest.mark.slow
-def test_the_acceptance_commands(tmp_path):
-    """As a user types them: train tiny with mtp_depth = 2, then sample with and without --speculative."""
-    import subprocess
-    import sys
-
-    def nanods(*args):
-        proc = subprocess.run([sys.executable, "-m", "nanods", *args], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc
-
-    nanods("train", "--scale", "tiny", "--set", "model.mtp_depth=2", "--steps", "40", "--out", "runs/mtp")
-    sample = ["sample", "runs/mtp/ckpt.safetensors", "--temperature", "0", "--prompt", "def "]
-    plain = nanods(*sample).stdout
-    speculative = nanods(*sample, "--speculative")
-    assert speculative.stdout == plain and len(plain) > 100
-    assert "drafts accepted" in speculative.stderr
-
-
-def test_init_from_adds_mtp_depths_to_a_trained_model(corpus, tmp_path):
-    import json
-
-    from conftest import project
-    from nanods import checkpoint
-    from nanods.train.loop import RunOptions, train
-
-    assert train(project(corpus, tmp_path / "base", "train.steps=4"), RunOptions()) == 0
-    base = tmp_path / "base" / "ckpt.safetensors"
-    more = RunOptions(init_from=str(base), explicit={"model": {"mtp_depth": 1, "mtp_loss_weight": 0.1}})
-    assert train(project(corpus, tmp_path / "more", "model.mtp_depth=1", "train.steps=4"), more) == 0
-    model, _ = checkpoint.load(tmp_path / "more" / "ckpt.safetensors")
-    assert (model.config.mtp_depth, model.config.mtp_loss_weight) == (1, 0.1)
-    rows = [json.loads(line) for line in (tmp_path / "more" / "metrics.jsonl").read_text().splitlines()]
-    assert all(len(r["mtp"]) == 1 for r in rows if "loss" in r)
-    fewer = RunOptions(init_from=str(tmp_path / "more" / "ckpt.safetensors"), explicit={"model": {"mtp_depth": 0}})
-    assert train(project(corpus, tmp_path / "fewer", "model.mtp_depth=0", "train.steps=1"), fewer) == 0
-    assert checkpoint.load(tmp_path / "fewer" / "ckpt.safetensors")[0].config.mtp_depth == 0

@@ -55,9 +55,6 @@ CHEAPER = {
         "nanods train --scale small --steps 2",
         ("2 steps instead of the 8-minute budget: the same model, corpus, tokenizer training and run folder "
          "(runs/nanods, which the sample and inspect commands after it read)")),
-    "nanods bench --ckpt runs/mtp": (
-        "nanods bench --ckpt runs/mtp --repeats 1",
-        "one timed run of each row instead of five: the same rows, the same checkpoint"),
     "pip install -e plugins/nanods-noisy-topk": (
         "{python} -m pip install --quiet --no-deps --target {site} plugins/nanods-noisy-topk",
         "the plugin installed into a folder on PYTHONPATH, not into the environment the other tests run in"),
@@ -72,6 +69,8 @@ SKIPPED = {
     'pytest -m "not slow"': "a part of the test suite, which is running this test",
     "nanods bench --scale small": "minutes on 2 cores; tests/test_bench.py::test_bench_cli_json runs the same "
                                   "command on the tiny model, timed once",
+    "nanods bench --ckpt runs/mtp": "the whole bench again; tests/test_mtp.py::"
+                                    "test_bench_measures_speculative_decoding_of_a_checkpoint runs its --ckpt rows",
     "nanods bench --scale small --compile": "compiling takes minutes on 2 cores; "
                                             "tests/test_bench.py::test_bench_compiled_decode_rows runs the compiled rows",
     "torchrun --standalone --nproc_per_node 2 -m nanods train --scale small": "two processes for an 8-minute budget; "
