@@ -290,7 +290,7 @@ def test_speculative_refuses_a_model_without_mtp():
 
 @pytest.mark.slow
 def test_compiled_speculative_equals_plain_greedy():
-    model, cycle = _trained(2)
+    model, cycle = _trained(1)
     prompt = _prompts(cycle)[1]
     got, stats = _speculative(model, prompt, 24, temperature=0, compile=True)
     assert torch.equal(got, _plain(model, prompt, 24, temperature=0)) and sum(stats.accepted) > 0

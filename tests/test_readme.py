@@ -43,7 +43,7 @@ AS_WRITTEN = [
     "nanods train --scale tiny --profile deepseek --steps 40 --out runs/ds",
     "nanods convert runs/ds hf-ds",
     "nanods train --scale tiny --attention dsa --steps 60 --out runs/dsa",
-    "nanods train --init-from runs/tiny/ckpt.safetensors --attention dsa --steps 80 --out runs/tiny-dsa",
+    "nanods train --init-from runs/tiny/ckpt.safetensors --attention dsa --steps 60 --out runs/tiny-dsa",
     "nanods train --scale tiny --set model.mtp_depth=2 --steps 40 --out runs/mtp",
     'nanods sample runs/mtp --speculative --temperature 0 --prompt "def "',
 ]
