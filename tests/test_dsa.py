@@ -41,12 +41,20 @@ def _reference(attn: DeepSeekSparseAttention, x: torch.Tensor, pos: torch.Tensor
     return attn.output((weights @ v.transpose(1, 2)).transpose(1, 2))
 
 
-def test_sparse_attention_equals_dense_attention_masked_to_the_picks(float64):
-    attn = _dsa(index_topk=6).blocks[0].attn
+@pytest.mark.parametrize("path", ["gathered", "masked"])
+def test_sparse_attention_equals_dense_attention_masked_to_the_picks(path, float64, monkeypatch):
+    monkeypatch.setattr("nanods.layers.attention.dsa.MASKED_SCORES", 0 if path == "gathered" else 1 << 22)
+    attn = _dsa(index_topk=6).blocks[0].attn.train()
     x = torch.randn(2, 30, 64)
     pos = torch.arange(30).expand(2, 30)
     torch.testing.assert_close(attn(x, pos), _reference(attn, x, pos))
     assert not torch.allclose(attn(x, pos), MultiHeadLatentAttention.forward(attn, x, pos))  # it is sparse
+    losses = {}
+    for name in ("gathered", "masked"):  # the indexer's target over the picks is the same either way
+        monkeypatch.setattr("nanods.layers.attention.dsa.MASKED_SCORES", 0 if name == "gathered" else 1 << 22)
+        attn(x, pos)
+        losses[name] = attn.indexer_loss
+    torch.testing.assert_close(losses["gathered"], losses["masked"])
 
 
 def test_indexer_scores_follow_the_formula(float64):

@@ -27,6 +27,10 @@ from nanods.layers.attention.indexer import LightningIndexer
 from nanods.layers.attention.mla import MultiHeadLatentAttention, per_head
 
 GATHER_ELEMENTS = 1 << 24  # gathered latent values per chunk of queries: 64 MiB in float32
+# Up to this many (query, position) pairs, e.g. a 2K training sequence, masking every score but the picks is
+# cheaper than gathering the picked rows, whose backward scatters them back: small's 8 x 256 training step in
+# the sparse stage went from 750 to 2,300 tokens/s on a 2-core Xeon
+MASKED_SCORES = 1 << 22
 
 
 class DeepSeekSparseAttention(MultiHeadLatentAttention):
@@ -53,7 +57,8 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
                 self.indexer_loss = self._kl(x, q_latent, pos, self._dense_target(q_nope, q_pe, latent))
             return self.output(self.attend_latent(q_nope, q_pe, latent, past))
         picks, valid = self.indexer.select(x, q_latent, pos, keys, past, self.topk)
-        y, target = self.attend_selected(q_nope, q_pe, latent, picks, valid)
+        attend = self.attend_masked if x.size(1) * latent.size(1) <= MASKED_SCORES else self.attend_selected
+        y, target = attend(q_nope, q_pe, latent, picks, valid)
         if learn:
             self.indexer_loss = self._kl(x, q_latent, pos, target, picks, valid)
         return self.output(y)
@@ -114,6 +119,20 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             targets.append(summed / summed.sum(-1, keepdim=True))
         o_latent = torch.cat(outputs, dim=2)  # (B, H, T, rank)
         return per_head(o_latent, w_uv.transpose(1, 2)).transpose(1, 2), torch.cat(targets, dim=1)
+
+    def attend_masked(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, picks: torch.Tensor,
+                      valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same result as attend_selected for short contexts: every score computed, all but the
+        picks masked (the queries are the last T of S positions)."""
+        B, T, _ = picks.shape
+        S = latent.size(1)
+        q, w_uv = self._absorbed_queries(q_nope, q_pe)
+        allowed = torch.zeros(B, T, S, dtype=torch.bool, device=picks.device).scatter(-1, picks, valid)
+        scores = torch.einsum("bhtw,bsw->bhts", q, latent.to(q.dtype)) * self.softmax_scale
+        weights = torch.softmax(scores.float().masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+        o_latent = torch.einsum("bhts,bsr->bhtr", weights.to(q.dtype), latent[..., : self.rank].to(q.dtype))
+        summed = weights.detach().sum(1).gather(-1, picks)
+        return per_head(o_latent, w_uv.transpose(1, 2)).transpose(1, 2), summed / summed.sum(-1, keepdim=True)
 
     def init_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> LayerCache:
         return LayerCache(1, latent=torch.zeros(batch, max_len, self.rank + self.rope, device=device, dtype=dtype),
