@@ -52,46 +52,34 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             past = cache.length
             latent, keys = cache.append(latent=latent, index_key=keys)
         learn = self.training and torch.is_grad_enabled()
-        if self.dense or latent.size(1) <= self.topk:  # every visible position is kept: this is MLA
-            if learn:
-                self.indexer_loss = self._kl(x, q_latent, pos, self._dense_target(q_nope, q_pe, latent))
-            return self.output(self.attend_latent(q_nope, q_pe, latent, past))
+        T, S = x.size(1), latent.size(1)
+        if self.dense or S <= self.topk:  # every visible position is kept: this is MLA
+            if not learn:
+                return self.output(self.attend_latent(q_nope, q_pe, latent, past))
+            causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril().expand(x.size(0), T, S)
+            y, target = self.attend_masked(q_nope, q_pe, latent, causal)  # training: no cache, query t at t
+            self.indexer_loss = self._kl(x, q_latent, pos, target, causal)
+            return self.output(y)
         picks, valid = self.indexer.select(x, q_latent, pos, keys, past, self.topk)
-        attend = self.attend_masked if x.size(1) * latent.size(1) <= MASKED_SCORES else self.attend_selected
-        y, target = attend(q_nope, q_pe, latent, picks, valid)
+        if T * S <= MASKED_SCORES:
+            allowed = torch.zeros(x.size(0), T, S, dtype=torch.bool, device=x.device).scatter(-1, picks, valid)
+            y, weights = self.attend_masked(q_nope, q_pe, latent, allowed)
+            target = _renormalised(weights.gather(-1, picks))
+        else:
+            y, target = self.attend_selected(q_nope, q_pe, latent, picks, valid)
         if learn:
-            self.indexer_loss = self._kl(x, q_latent, pos, target, picks, valid)
+            self.indexer_loss = self._kl(x, q_latent, pos, target, valid, picks)
         return self.output(y)
 
-    def _absorbed_queries(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries in latent space (B, H, T, rank + rope) and W_UV (H, v_dim, rank)."""
-        w_kv = self.wkv_b.weight.view(self.n_head, self.nope + self.v_dim, self.rank)
-        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
-        q_latent = per_head(q_nope.transpose(1, 2), w_uk)  # (B, H, T, rank)
-        return torch.cat([q_latent, q_pe.transpose(1, 2).to(q_latent.dtype)], dim=-1), w_uv
-
-    def _dense_target(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """The main attention's distribution over every position (B, T, S), summed over heads and
-        renormalised (training: no cache, so query t sits at position t)."""
-        with torch.no_grad(), torch.autocast(latent.device.type, enabled=False):
-            q, _ = self._absorbed_queries(q_nope.float(), q_pe.float())
-            scores = torch.einsum("bhtw,bsw->bhts", q, latent.float()) * self.softmax_scale
-            T, S = scores.shape[-2:]
-            causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-            weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1).sum(1)
-            return weights / weights.sum(-1, keepdim=True)
-
     def _kl(self, x: torch.Tensor, q_latent: torch.Tensor, pos: torch.Tensor, target: torch.Tensor,
-            picks: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean over queries of KL(target || softmax of the indexer's scores), over every visible
-        position (picks None) or over each query's picks; the indexer's inputs detached."""
+            visible: torch.Tensor, picks: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over queries of KL(target || softmax of the indexer's scores) over the `visible` positions
+        (B, T, S), or with picks over each query's picks (`visible` (B, T, k) then marks the real ones);
+        the indexer's inputs detached."""
         x, q_latent = x.detach(), q_latent.detach()
         scores = self.indexer.scores(x, q_latent, pos, self.indexer.keys(x, pos))  # (B, T, S), with gradients
-        if picks is None:
-            T, S = scores.shape[-2:]
-            visible = torch.ones(T, S, dtype=torch.bool, device=x.device).tril()
-        else:
-            scores, visible = scores.gather(-1, picks), valid
+        if picks is not None:
+            scores = scores.gather(-1, picks)
         log_q = torch.log_softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         kl = torch.xlogy(target, target) - target * log_q.masked_fill(~visible, 0.0)
         return kl.sum(-1).mean()
@@ -105,7 +93,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
         (B, T, k), detached: the indexer's target.
         """
         B, T, k = picks.shape
-        q, w_uv = self._absorbed_queries(q_nope, q_pe)
+        q, w_uv = self.absorbed_queries(q_nope, q_pe)
         batch = torch.arange(B, device=picks.device)[:, None, None]
         chunk = max(1, GATHER_ELEMENTS // (B * k * latent.size(-1)))
         outputs, targets = [], []
@@ -115,24 +103,20 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             scores = torch.einsum("bhtw,btkw->bhtk", q[:, :, rows], kv) * self.softmax_scale
             weights = torch.softmax(scores.float().masked_fill(~valid[:, None, rows], float("-inf")), dim=-1)
             outputs.append(torch.einsum("bhtk,btkr->bhtr", weights.to(q.dtype), kv[..., : self.rank]))
-            summed = weights.detach().sum(1)
-            targets.append(summed / summed.sum(-1, keepdim=True))
+            targets.append(_renormalised(weights.detach().sum(1)))
         o_latent = torch.cat(outputs, dim=2)  # (B, H, T, rank)
         return per_head(o_latent, w_uv.transpose(1, 2)).transpose(1, 2), torch.cat(targets, dim=1)
 
-    def attend_masked(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, picks: torch.Tensor,
-                      valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same result as attend_selected for short contexts: every score computed, all but the
-        picks masked (the queries are the last T of S positions)."""
-        B, T, _ = picks.shape
-        S = latent.size(1)
-        q, w_uv = self._absorbed_queries(q_nope, q_pe)
-        allowed = torch.zeros(B, T, S, dtype=torch.bool, device=picks.device).scatter(-1, picks, valid)
+    def attend_masked(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, allowed: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Absorbed attention over every latent row (B, S, ...) with the scores where `allowed` (B, T, S) is
+        False masked: short contexts, and the dense stage in training. Returns (B, T, H, v_dim) and the
+        attention summed over heads and renormalised (B, T, S), detached: the indexer's target."""
+        q, w_uv = self.absorbed_queries(q_nope, q_pe)
         scores = torch.einsum("bhtw,bsw->bhts", q, latent.to(q.dtype)) * self.softmax_scale
         weights = torch.softmax(scores.float().masked_fill(~allowed[:, None], float("-inf")), dim=-1)
         o_latent = torch.einsum("bhts,bsr->bhtr", weights.to(q.dtype), latent[..., : self.rank].to(q.dtype))
-        summed = weights.detach().sum(1).gather(-1, picks)
-        return per_head(o_latent, w_uv.transpose(1, 2)).transpose(1, 2), summed / summed.sum(-1, keepdim=True)
+        return per_head(o_latent, w_uv.transpose(1, 2)).transpose(1, 2), _renormalised(weights.detach().sum(1))
 
     def init_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> LayerCache:
         return LayerCache(1, latent=torch.zeros(batch, max_len, self.rank + self.rope, device=device, dtype=dtype),
@@ -151,3 +135,8 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             return MultiHeadLatentAttention.attention_flops_per_token(config, context, decode)
         H, D = config.index_n_heads, config.index_head_dim
         return 2 * H * (D + 1) * context + MultiHeadLatentAttention.attention_flops_per_token(config, config.index_topk, True)
+
+
+def _renormalised(weights: torch.Tensor) -> torch.Tensor:
+    """Rows (over the last dim) scaled to sum to 1."""
+    return weights / weights.sum(-1, keepdim=True)

@@ -101,14 +101,18 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, past: int) -> torch.Tensor:
         """q_nope·W_UK^T·c_kv == q_nope·k_nope; attention in latent space is MQA over the cache itself."""
-        w_kv = self.wkv_b.weight.view(self.n_head, self.nope + self.v_dim, self.rank)
-        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
-        q_latent = per_head(q_nope.transpose(1, 2), w_uk)  # (B, H, T, rank)
-        q = torch.cat([q_latent, q_pe.transpose(1, 2).to(q_latent.dtype)], dim=-1)  # (B, H, T, rank + rope)
+        q, w_uv = self.absorbed_queries(q_nope, q_pe)
         kv = latent.unsqueeze(1).to(q.dtype)  # one shared "head": keys [c_kv ; k_pe], values c_kv
         # values = keys = the cached rows, so SDPA sees one head width; the k_pe columns of the output are cut
         o_latent = self.attend(q, kv, kv, self.softmax_scale, past)[..., : self.rank]  # (B, H, T, rank)
         return per_head(o_latent, w_uv.transpose(1, 2)).transpose(1, 2)  # (B, T, H, v_dim)
+
+    def absorbed_queries(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries in latent space [q_nope·W_UK ; q_pe] (B, H, T, rank + rope), and W_UV (H, v_dim, rank)."""
+        w_kv = self.wkv_b.weight.view(self.n_head, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
+        q_latent = per_head(q_nope.transpose(1, 2), w_uk)  # (B, H, T, rank)
+        return torch.cat([q_latent, q_pe.transpose(1, 2).to(q_latent.dtype)], dim=-1), w_uv
 
     def init_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> LayerCache:
         return LayerCache(1, latent=torch.zeros(batch, max_len, self.rank + self.rope, device=device, dtype=dtype))
