@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from nanods import fast_paths, registry
+from nanods import compiling, fast_paths, registry
 from nanods.config import NanoDeepSeekConfig
 from nanods.errors import NanodsError
 from nanods.flops import count_parameters, flops_per_token
@@ -286,54 +286,76 @@ def bench_speculative(model: NanoDeepSeek, prompt: list[int], new: int, device: 
 
 
 LONG_CONTEXTS = (1024, 2048, 4096, 8192, 16384)
+DECODE_STEPS = 10  # decode steps timed per round of bench_long_context
 
 
 @torch.inference_mode()
 def bench_long_context(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, repeats: int,
-                       contexts: tuple[int, ...] = LONG_CONTEXTS, topk: int = 512,
+                       contexts: tuple[int, ...] = LONG_CONTEXTS, topk: int = 512, compile: bool = False,
                        progress: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
     """Seconds per attention layer of `mla` and `dsa` (index_topk = topk) at each context length, one
-    sequence: a prefill of the whole context, and one decode step after context - 1 cached positions.
+    sequence: a prefill of the whole context, and a decode step after context - 1 cached positions
+    (the median of DECODE_STEPS steps per round); with compile, also the decode step compiled.
 
     The two layers have the same MLA weights (dsa adds its indexer) and run alternately on the same
     inputs; the cache is filled with random rows, as only its size matters for the time.
     """
+    sized = NanoDeepSeekConfig(**{**config.to_dict(), "sequence_len": max(*contexts, config.sequence_len),
+                                  "index_topk": topk, "q_lora_rank": config.q_lora_rank or config.kv_lora_rank})
+    torch.manual_seed(0)
+    layers = {name: registry.build("attention", name, NanoDeepSeekConfig(**{**sized.to_dict(), "attention": name}),
+                                   0).to(device, dtype).eval() for name in ("mla", "dsa")}
+    layers["dsa"].load_state_dict(layers["mla"].state_dict(), strict=False)
+    stages = {"prefill": False, "decode": False} | ({"decode_compiled": True} if compile else {})
+    steps = {name: {False: layer, True: compiling.compiled(layer, f"the {name} layer")} for name, layer in layers.items()}
     rows = []
     for context in contexts:
-        sized = NanoDeepSeekConfig(**{**config.to_dict(), "sequence_len": max(context, config.sequence_len),
-                                      "index_topk": topk, "q_lora_rank": config.q_lora_rank or config.kv_lora_rank})
-        torch.manual_seed(0)
-        layers = {name: registry.build("attention", name, NanoDeepSeekConfig(**{**sized.to_dict(), "attention": name}),
-                                       0).to(device, dtype).eval() for name in ("mla", "dsa")}
-        layers["dsa"].load_state_dict(layers["mla"].state_dict(), strict=False)
         x = torch.randn(1, context, config.n_embd, device=device, dtype=dtype)
         pos = torch.arange(context, device=device)[None]
-        caches = {}
-        for name, layer in layers.items():
-            cache = caches[name] = layer.init_cache(1, context, device, dtype)
+        caches = {name: layer.init_cache(1, context, device, dtype) for name, layer in layers.items()}
+        for cache in caches.values():
             for buf in cache.buffers.values():
                 buf.normal_()
-        seconds: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in layers}
-        for i in range(repeats + 1):  # the first round warms up
-            for name, layer in layers.items():
+        seconds: dict[str, dict[str, list[float]]] = {name: {stage: [] for stage in stages} for name in layers}
+        for i in range(repeats + 1):  # the first round warms up (and compiles)
+            for name in layers:
                 progress(f"long context {context}, {name}")
-                for stage in ("prefill", "decode"):
-                    cache = caches[name]
-                    cache.length = context - 1
-                    start = time.perf_counter()
-                    if stage == "prefill":
-                        layer(x, pos)
-                    else:
-                        layer(x[:, -1:], pos[:, -1:], cache)
-                    sync(device)
-                    if i:
-                        seconds[name][stage].append(time.perf_counter() - start)
+                cache = caches[name]
+                for stage, compiled_step in stages.items():
+                    step = steps[name][compiled_step]
+
+                    def run() -> None:
+                        if stage == "prefill":
+                            step(x, pos)
+                        else:  # the new token after context - 1 cached ones
+                            cache.length = context - 1
+                            step(x[:, -1:], pos[:, -1:], cache)
+
+                    times = [_seconds(run, device) for _ in range(1 if stage == "prefill" else DECODE_STEPS)]
+                    seconds[name][stage] += times if i else []
         row: dict[str, Any] = {"context": context, "index_topk": topk}
         for name in layers:
-            for stage in ("prefill", "decode"):
+            for stage in stages:
                 row[f"{name}_{stage}_s"] = statistics.median(seconds[name][stage])
         rows.append(row)
     return rows
+
+
+def crossover(rows: list[dict[str, Any]], stage: str) -> int | None:
+    """The shortest context of `bench_long_context`'s rows from which dsa's `stage` is faster than mla's
+    at every longer context measured (None: at no context)."""
+    first = None
+    for row in rows:
+        faster = row[f"dsa_{stage}_s"] < row[f"mla_{stage}_s"]
+        first = (first or row["context"]) if faster else None
+    return first
+
+
+def _seconds(run: Callable[[], object], device: torch.device) -> float:
+    start = time.perf_counter()
+    run()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def _spread(rate: dict[str, float]) -> str:
@@ -371,13 +393,22 @@ def print_result(r: dict[str, Any], console: Console) -> None:
             table.add_row(f"greedy b1, {n} new, {sp['path']}: speculative tok/s", _spread(sp["speculative"]),
                           f"{sp['speedup']:.2f}x; drafts accepted {rates} (per depth), {sp['tokens_per_step']:.2f} "
                           f"tokens per main step; {'same' if sp['identical'] else '[bold red]different[/]'} tokens")
-    for row in r.get("long_context", []):
+    rows = r.get("long_context", [])
+    for row in rows:
         mla, dsa = (row["mla_prefill_s"], row["mla_decode_s"]), (row["dsa_prefill_s"], row["dsa_decode_s"])
         table.add_row(f"attention layer, context {row['context']:,}: prefill mla / dsa",
                       f"{mla[0] * 1e3:,.1f} / {dsa[0] * 1e3:,.1f} ms", f"dsa {mla[0] / dsa[0]:.2f}x faster "
                       f"(index_topk {row['index_topk']})")
         table.add_row(f"attention layer, context {row['context']:,}: decode mla / dsa",
                       f"{mla[1] * 1e3:,.2f} / {dsa[1] * 1e3:,.2f} ms", f"dsa {mla[1] / dsa[1]:.2f}x faster")
+        if "mla_decode_compiled_s" in row:
+            mla_c, dsa_c = row["mla_decode_compiled_s"], row["dsa_decode_compiled_s"]
+            table.add_row(f"attention layer, context {row['context']:,}: decode compiled mla / dsa",
+                          f"{mla_c * 1e3:,.2f} / {dsa_c * 1e3:,.2f} ms", f"dsa {mla_c / dsa_c:.2f}x faster")
+    for stage in [s for s in ("prefill", "decode", "decode_compiled") if rows and f"mla_{s}_s" in rows[0]]:
+        at = crossover(rows, stage)
+        table.add_row(f"attention layer: {stage.replace('_', ' ')} crossover", f"{at:,}" if at else "none",
+                      "the context from which dsa is faster (of those measured)")
     if "moe_vs_dense" in r:
         m = r["moe_vs_dense"]
         table.add_row("MoE FFN fwd+bwd / active-dense twin", f"{m['ratio']:.2f}x",

@@ -197,12 +197,21 @@ def train(
 
     cli = {"model": {"attention": attention, "ffn": ffn, "router": router},
            "train": {"data": data, "steps": steps, "time_budget": time_budget, "out": out, "device": device, "dtype": dtype}}
-    project = load_project(config, scale=scale, cli=cli, sets=sets, profile=profile)
+    project = load_project(config, scale=scale, cli=cli, sets=sets, profile=profile, model_base=_model_of(init_from))
     explicit = command_line_values(cli, sets)
     code = run_training(project, RunOptions(resume=resume, init_from=init_from, overwrite=overwrite, scale=scale,
                                             profile=profile, explicit=explicit))
     if code:
         sys.exit(code)  # a graceful stop already said what happened and how to resume
+
+
+def _model_of(checkpoint_path: str | None) -> dict[str, Any] | None:
+    """The model config of an --init-from checkpoint, which its options adjust (None: no readable one, for
+    the trainer to explain)."""
+    from nanods.checkpoint import config_from_metadata, saved_metadata
+
+    meta = saved_metadata(Path(checkpoint_path)) if checkpoint_path and Path(checkpoint_path).is_file() else None
+    return config_from_metadata(meta, checkpoint_path).to_dict() if meta and "nanods.config" in meta else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,8 +348,8 @@ def bench(
     plain: Annotated[bool, typer.Option("--plain", help="Measure the plain model, without the CPU fast paths "
                                         "(docs/performance.md).")] = False,
     long_context: Annotated[bool, typer.Option("--long-context", help="Add per-layer attention times of mla and dsa "
-                                               "(index_topk 512) at contexts 1K-16K: prefill and one decode "
-                                               "step (a few minutes).")] = False,
+                                               "(index_topk 512) at contexts 1K-16K: prefill and a decode step, "
+                                               "also compiled with --compile (a few minutes).")] = False,
     ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="A trained checkpoint with MTP (mtp_depth >= 1): "
                                                  "measure its config, and add plain vs speculative greedy decoding "
                                                  "of 256 tokens with its weights.")] = None,
@@ -383,7 +392,7 @@ def bench(
                                 progress=lambda what: status.update(f"measuring {what}"))
         if long_context:
             result["long_context"] = benchmarks.bench_long_context(
-                model, torch_device, torch_dtype, min(repeats, 2),
+                model, torch_device, torch_dtype, min(repeats, 2), compile=compile,
                 progress=lambda what: status.update(f"measuring {what}"))
         if trained is not None:
             status.update("measuring plain vs speculative decoding")

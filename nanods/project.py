@@ -195,9 +195,11 @@ def resolve_project(
     sets: list[str] | None = None,
     where: str = "nanods.toml",
     profile: str | None = None,
+    model_base: dict[str, Any] | None = None,
 ) -> Project:
     """Resolve defaults -> preset -> profile -> nanods.toml -> command-line options -> --set; validate every key
-    and component."""
+    and component. model_base replaces the preset and profile as the model's starting values (--init-from:
+    the checkpoint's model, which the options then adjust)."""
     toml = toml or {}
     if cli or sets:  # values are merged before they are checked: name every place they may come from
         where = f"{where} or the command line"
@@ -215,7 +217,8 @@ def resolve_project(
             merged[section] = _merge(merged[section], values)
     model_values = dict(merged["model"])
     chosen_scale = take_choice(model_values, "scale", scale)
-    values = starting_model_values(chosen_scale, take_choice(model_values, "profile", profile))
+    chosen_profile = take_choice(model_values, "profile", profile)
+    values = dict(model_base) if model_base is not None else starting_model_values(chosen_scale, chosen_profile)
     values.update(check_fields(model_values, f"[model] of {where}", NanoDeepSeekConfig))
     for group in ("attention", "ffn", "router"):
         if values.get(group) is not None:

@@ -100,7 +100,20 @@ def test_bench_ctrl_c_says_interrupted(monkeypatch, capsys):
 def test_long_context_rows_time_mla_and_dsa_per_layer():
     from nanods.bench import bench_long_context
 
-    rows = bench_long_context(tiny_config(), torch.device("cpu"), torch.float32, repeats=1, contexts=(16, 48), topk=8)
+    rows = bench_long_context(tiny_config(), torch.device("cpu"), torch.float32, repeats=1, contexts=(16, 48), topk=8,
+                              compile=True)
     assert [(r["context"], r["index_topk"]) for r in rows] == [(16, 8), (48, 8)]
     for r in rows:
-        assert all(r[f"{a}_{s}_s"] > 0 for a in ("mla", "dsa") for s in ("prefill", "decode"))
+        assert all(r[f"{a}_{s}_s"] > 0 for a in ("mla", "dsa") for s in ("prefill", "decode", "decode_compiled"))
+
+
+def test_crossover_is_where_dsa_stays_faster():
+    from nanods.bench import crossover
+
+    def row(context, mla, dsa):
+        return {"context": context, "mla_decode_s": mla, "dsa_decode_s": dsa}
+
+    rows = [row(1024, 1, 2), row(2048, 2, 1), row(4096, 3, 4), row(8192, 4, 3), row(16384, 5, 2)]
+    assert crossover(rows, "decode") == 8192  # faster at 2048 too, but not from there on
+    assert crossover(rows[:3], "decode") is None
+    assert crossover(rows[1:2], "decode") == 2048

@@ -7,6 +7,7 @@ import torch
 from conftest import build, main_in_process, project
 
 from nanods.layers.attention.dsa import DeepSeekSparseAttention
+from nanods.layers.attention.indexer import ranks, top_positions
 from nanods.layers.attention.mla import MultiHeadLatentAttention
 
 DSA = dict(attention="dsa", q_lora_rank=16, index_n_heads=4, index_head_dim=16)
@@ -41,20 +42,44 @@ def _reference(attn: DeepSeekSparseAttention, x: torch.Tensor, pos: torch.Tensor
     return attn.output((weights @ v.transpose(1, 2)).transpose(1, 2))
 
 
-@pytest.mark.parametrize("path", ["gathered", "masked"])
+@pytest.mark.parametrize("path", ["gathered", "masked", "inference"])
 def test_sparse_attention_equals_dense_attention_masked_to_the_picks(path, float64, monkeypatch):
+    """Training gathers the picks or masks the rest (with the weights for the indexer's target);
+    inference gathers them for SDPA. Each equals the definition."""
     monkeypatch.setattr("nanods.layers.attention.dsa.MASKED_SCORES", 0 if path == "gathered" else 1 << 22)
-    attn = _dsa(index_topk=6).blocks[0].attn.train()
+    attn = _dsa(index_topk=6).blocks[0].attn.train(path != "inference")
     x = torch.randn(2, 30, 64)
     pos = torch.arange(30).expand(2, 30)
     torch.testing.assert_close(attn(x, pos), _reference(attn, x, pos))
     assert not torch.allclose(attn(x, pos), MultiHeadLatentAttention.forward(attn, x, pos))  # it is sparse
+    if path == "inference":
+        return
     losses = {}
     for name in ("gathered", "masked"):  # the indexer's target over the picks is the same either way
         monkeypatch.setattr("nanods.layers.attention.dsa.MASKED_SCORES", 0 if name == "gathered" else 1 << 22)
         attn(x, pos)
         losses[name] = attn.indexer_loss
     torch.testing.assert_close(losses["gathered"], losses["masked"])
+
+
+@pytest.mark.parametrize("ties", [True, False])
+def test_ties_go_to_the_earlier_position_whatever_the_row_length(ties):
+    """The picks are the stable sort's (score, then position), so a cached decode step over a
+    prefix picks what the full forward's row picks: ReLU makes exact ties common."""
+    torch.manual_seed(0)
+    scores = torch.randn(3, 50)
+    if ties:  # 5 positive scores, 10 negative, the rest 0.0 or -0.0
+        scores = torch.zeros(3, 50).scatter_(1, torch.rand(3, 50).argsort(dim=1)[:, :15],
+                                             torch.cat([torch.rand(3, 5), -torch.rand(3, 10)], 1))
+        scores[:, 2] = -0.0
+    for length in (10, 31, 50):
+        visible = torch.arange(50) < length
+        masked = scores.masked_fill(~visible, float("-inf"))
+        expected = masked.sort(dim=-1, descending=True, stable=True).indices[:, :8].sort(dim=-1).values
+        for picks in (top_positions(masked, 8), ranks(masked).topk(8, dim=-1).indices):
+            assert torch.equal(picks.sort(dim=-1).values, expected)
+        short = top_positions(scores[:, :length], 8)
+        assert torch.equal(short.sort(dim=-1).values, expected)
 
 
 def test_indexer_scores_follow_the_formula(float64):
@@ -103,8 +128,8 @@ def test_selection_is_causal_and_cached_decoding_equals_the_full_forward(float64
 
 @pytest.mark.parametrize("dense", [True, False])
 def test_the_indexer_learns_from_its_kl_alone_and_the_rest_from_the_lm_loss(dense):
-    model = _dsa(index_topk=6).train()
-    for block in model.blocks:
+    model = _dsa(index_topk=6, mtp_depth=1).train()  # the MTP block's attention is a DSA too
+    for block in [*model.blocks, model.mtp[0].block]:
         block.attn.dense = dense
     x = torch.randint(0, 128, (2, 30))
     terms = model(x, x.roll(-1, 1), return_terms=True)
@@ -116,6 +141,21 @@ def test_the_indexer_learns_from_its_kl_alone_and_the_rest_from_the_lm_loss(dens
     grads = torch.autograd.grad(terms.ce, list(model.parameters()), allow_unused=True)
     reached = {n for (n, _), g in zip(model.named_parameters(), grads) if g is not None and g.abs().sum() > 0}
     assert not reached & indexer and len(reached) > 10
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_an_indexer_that_scores_every_position_alike_has_the_uniform_kl(dense, float64):
+    attn = _dsa(index_topk=6).blocks[0].attn.train()
+    attn.dense = dense
+    x, pos = torch.randn(2, 30, 64), torch.arange(30).expand(2, 30)
+    attn(x, pos)
+    learned, uniform = attn.indexer_loss, attn.indexer_uniform
+    assert 0 < learned and 0 < uniform and not torch.isclose(learned, uniform)
+    with torch.no_grad():
+        attn.indexer.weights_proj.weight.zero_()  # every score 0: the indexer's softmax is uniform
+    attn(x, pos)
+    torch.testing.assert_close(attn.indexer_loss, attn.indexer_uniform)
+    torch.testing.assert_close(attn.indexer_uniform, uniform)  # the attention is the same
 
 
 @pytest.mark.parametrize("sets,message", [
@@ -165,3 +205,20 @@ def test_init_from_refuses_an_attention_change_other_than_mla_to_dsa(corpus, tmp
     opts = RunOptions(init_from=str(tmp_path / "mla" / "ckpt.safetensors"), explicit={"model": {"attention": "mha"}})
     with pytest.raises(NanodsError, match="can only change from mla to dsa"):
         train(project(corpus, tmp_path / "mha", "model.attention=mha", "train.steps=2"), opts)
+
+
+def test_init_from_options_adjust_the_checkpoints_model(corpus, tmp_path, capsys, monkeypatch):
+    """Without --scale or a nanods.toml, the options are checked against the checkpoint's model, not the
+    defaults': tiny's index_head_dim 8 is below the default model's rope width (64)."""
+    from nanods import checkpoint
+    from nanods.train.loop import RunOptions, train
+
+    assert train(project(corpus, tmp_path / "mla", "train.steps=2"), RunOptions()) == 0
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--init-from", str(tmp_path / "mla" / "ckpt.safetensors"), "--attention", "dsa",
+            "--set", "model.index_head_dim=8", "--steps", "1", "--out", str(tmp_path / "dsa"), "--device", "cpu",
+            "--set", f"train.data={json.dumps(corpus)}", "--set", "train.seq_len=32", "--set", "train.batch_size=2",
+            "--set", "train.eval_batches=1", "--set", "train.sample_tokens=0"]
+    code, _, err = main_in_process(args, capsys)
+    assert code == 0, err
+    assert checkpoint.load(tmp_path / "dsa" / "ckpt.safetensors")[0].config.index_head_dim == 8

@@ -200,9 +200,10 @@ def test_top_k_zero_means_no_cut_and_top_k_one_is_greedy():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention,ffn", [("mla", "moe"), ("mha", "dense")])
-def test_compiled_decode_matches_eager(attention, ffn):
-    model = build(attention=attention, ffn=ffn).eval()
+@pytest.mark.parametrize("attention,ffn,options", [("mla", "moe", {}), ("mha", "dense", {}),
+                                                    ("dsa", "moe", {"index_topk": 2})])  # sparse from the start
+def test_compiled_decode_matches_eager(attention, ffn, options):
+    model = build(attention=attention, ffn=ffn, **options).eval()
     prompt = torch.randint(0, 128, (1, 5))
     eager = model.generate(prompt, 12, temperature=0)
     compiled = model.generate(prompt, 12, temperature=0, compile=True)

@@ -31,11 +31,14 @@ def trained(request):
     return _trained(request.param)
 
 
+SPARSE = dict(attention="dsa", q_lora_rank=16, index_topk=4)  # DSA reading 4 of up to 40 positions
+
+
 @functools.cache
-def _trained(depth: int):
+def _trained(depth: int, sparse: bool = False):
     """A float64 tiny model with MTP trained on a noisy cycle, so its drafts pass often but not always."""
     torch.manual_seed(0)
-    model = NanoDeepSeek(tiny_config(vocab_size=VOCAB, mtp_depth=depth)).double()
+    model = NanoDeepSeek(tiny_config(vocab_size=VOCAB, mtp_depth=depth, **(SPARSE if sparse else {}))).double()
     g = torch.Generator().manual_seed(0)
     cycle = torch.randint(0, VOCAB, (11,), generator=g)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -170,6 +173,17 @@ def test_speculative_greedy_is_plain_greedy_token_for_token(trained):
         assert stats.rounds < n  # drafts saved main-model steps
     # both outcomes happened at every depth: accepted drafts and rejected ones
     assert all(0 < a < d for a, d in zip(total.accepted, total.drafted)), total
+
+
+def test_speculative_greedy_with_sparse_attention_is_plain_greedy():
+    """DSA in the trunk and in the MTP blocks: the indexer keys roll back with the latent rows."""
+    model, cycle = _trained(2, sparse=True)
+    accepted = 0
+    for prompt in _prompts(cycle):
+        got, stats = _speculative(model, prompt, 40 - prompt.size(1), temperature=0)
+        assert torch.equal(got, _plain(model, prompt, 40 - prompt.size(1), temperature=0))
+        accepted += sum(stats.accepted)
+    assert 0 < accepted
 
 
 def test_speculative_greedy_batch_and_eos_equal_plain(trained):

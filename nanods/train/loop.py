@@ -360,8 +360,8 @@ class Trainer:
         for attention in self.indexed:  # DSA's stage: dense warm-up, then sparse
             attention.dense = dense
         frozen = dense and bool(self.indexed) and s.dsa_dense_frozen
-        # (ce, aux, indexer, mtp...) summed over micro-batches
-        parts = torch.zeros(3 + self.model.config.mtp_depth, device=self.device)
+        # (ce, aux, indexer, indexer_uniform, mtp...) summed over micro-batches
+        parts = torch.zeros(4 + self.model.config.mtp_depth, device=self.device)
         for micro in range(self.accum):
             x, y = self.batches.get(self.step, micro)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -372,8 +372,8 @@ class Trainer:
                     terms = self.forward(x, y, return_terms=True)
                 (terms.total / self.accum).backward()
             parts += torch.cat([terms.ce.detach()[None], terms.aux.detach()[None], terms.indexer.detach()[None],
-                                terms.mtp.detach()]) / self.accum
-        ce, aux, indexer, *mtp = (self.world.all_reduce_sum(parts) / self.world.world_size).tolist()  # one host sync
+                                self._indexer_uniform(), terms.mtp.detach()]) / self.accum
+        ce, aux, indexer, uniform, *mtp = (self.world.all_reduce_sum(parts) / self.world.world_size).tolist()
         loss = ce + aux
         if not math.isfinite(loss + sum(mtp)):
             kept = f"the last good checkpoint (step {self.last_good_step}) is kept" if self.last_good_step \
@@ -399,7 +399,14 @@ class Trainer:
         row = {"loss": loss, "ce": ce, "aux": aux, "lr": s.lr * factor}
         if self.indexed:
             row |= {"indexer": indexer, "dsa_stage": ("dense, frozen" if frozen else "dense") if dense else "sparse"}
+            row |= {"indexer_uniform": uniform} if uniform else {}
         return row | ({"mtp": mtp} if mtp else {})
+
+    def _indexer_uniform(self) -> torch.Tensor:
+        """(1,) the mean over the indexed attentions that report it of the KL a uniform indexer would have
+        had in the last forward (0 without any)."""
+        values = [u for m in self.indexed if (u := getattr(m, "indexer_uniform", None)) is not None]
+        return torch.stack(values).mean()[None].to(self.device) if values else torch.zeros(1, device=self.device)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:

@@ -213,7 +213,11 @@ def _ema(values: tuple[float, ...]) -> list[float]:
 
 
 def _extra_losses(row: dict[str, Any]) -> str:
-    """What follows the main loss: the MTP depths' losses and DSA's indexer loss with its stage,
-    e.g. '  mtp 4.1021/4.5310  indexer 0.0132 (sparse)' (nothing without them)."""
+    """What follows the main loss: the MTP depths' losses and DSA's indexer loss with its stage and
+    what a uniform indexer would score, e.g. '  mtp 4.1021/4.5310  indexer 0.0132 of 0.2051 uniform
+    (sparse)' (nothing without them)."""
     text = "  mtp " + "/".join(f"{v:.4f}" for v in row["mtp"]) if row.get("mtp") else ""
-    return text + (f"  indexer {row['indexer']:.4f} ({row['dsa_stage']})" if "indexer" in row else "")
+    if "indexer" not in row:
+        return text
+    uniform = f" of {row['indexer_uniform']:.4f} uniform" if "indexer_uniform" in row else ""
+    return text + f"  indexer {row['indexer']:.4f}{uniform} ({row['dsa_stage']})"
