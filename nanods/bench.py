@@ -292,10 +292,11 @@ DECODE_STEPS = 10  # decode steps timed per round of bench_long_context
 @torch.inference_mode()
 def bench_long_context(config: NanoDeepSeekConfig, device: torch.device, dtype: torch.dtype, repeats: int,
                        contexts: tuple[int, ...] = LONG_CONTEXTS, topk: int = 512, compile: bool = False,
-                       progress: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
+                       prefill: bool = True, progress: Callable[[str], None] = lambda _: None
+                       ) -> list[dict[str, Any]]:
     """Seconds per attention layer of `mla` and `dsa` (index_topk = topk) at each context length, one
-    sequence: a prefill of the whole context, and a decode step after context - 1 cached positions
-    (the median of DECODE_STEPS steps per round); with compile, also the decode step compiled.
+    sequence: a prefill of the whole context (unless not prefill), and a decode step after context - 1
+    cached positions (the median of DECODE_STEPS steps per round); with compile, also compiled.
 
     The two layers have the same MLA weights (dsa adds its indexer) and run alternately on the same
     inputs; the cache is filled with random rows, as only its size matters for the time.
@@ -306,7 +307,7 @@ def bench_long_context(config: NanoDeepSeekConfig, device: torch.device, dtype: 
     layers = {name: registry.build("attention", name, NanoDeepSeekConfig(**{**sized.to_dict(), "attention": name}),
                                    0).to(device, dtype).eval() for name in ("mla", "dsa")}
     layers["dsa"].load_state_dict(layers["mla"].state_dict(), strict=False)
-    stages = {"prefill": False, "decode": False} | ({"decode_compiled": True} if compile else {})
+    stages = ({"prefill": False} if prefill else {}) | {"decode": False} | ({"decode_compiled": True} if compile else {})
     steps = {name: {False: layer, True: compiling.compiled(layer, f"the {name} layer")} for name, layer in layers.items()}
     rows = []
     for context in contexts:
@@ -322,16 +323,14 @@ def bench_long_context(config: NanoDeepSeekConfig, device: torch.device, dtype: 
                 progress(f"long context {context}, {name}")
                 cache = caches[name]
                 for stage, compiled_step in stages.items():
-                    step = steps[name][compiled_step]
-
-                    def run() -> None:
-                        if stage == "prefill":
+                    def timed(step=steps[name][compiled_step], cache=cache, prefill=stage == "prefill") -> None:
+                        if prefill:
                             step(x, pos)
                         else:  # the new token after context - 1 cached ones
                             cache.length = context - 1
                             step(x[:, -1:], pos[:, -1:], cache)
 
-                    times = [_seconds(run, device) for _ in range(1 if stage == "prefill" else DECODE_STEPS)]
+                    times = [_seconds(timed, device) for _ in range(1 if stage == "prefill" else DECODE_STEPS)]
                     seconds[name][stage] += times if i else []
         row: dict[str, Any] = {"context": context, "index_topk": topk}
         for name in layers:
@@ -349,6 +348,24 @@ def crossover(rows: list[dict[str, Any]], stage: str) -> int | None:
         faster = row[f"dsa_{stage}_s"] < row[f"mla_{stage}_s"]
         first = (first or row["context"]) if faster else None
     return first
+
+
+def long_context_cells(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Table rows (measure, value, note) for `bench_long_context`'s rows: each stage per context, then
+    each stage's crossover."""
+    stages = [s for s in ("prefill", "decode", "decode_compiled") if rows and f"mla_{s}_s" in rows[0]]
+    cells = []
+    for row in rows:
+        for stage in stages:
+            mla, dsa = row[f"mla_{stage}_s"], row[f"dsa_{stage}_s"]
+            cells.append((f"attention layer, context {row['context']:,}: {stage.replace('_', ' ')} mla / dsa",
+                          f"{mla * 1e3:,.2f} / {dsa * 1e3:,.2f} ms",
+                          f"dsa {mla / dsa:.2f}x faster (index_topk {row['index_topk']})"))
+    for stage in stages:
+        at = crossover(rows, stage)
+        cells.append((f"attention layer: {stage.replace('_', ' ')} crossover", f"{at:,}" if at else "none",
+                      "the context from which dsa is faster (of those measured)"))
+    return cells
 
 
 def _seconds(run: Callable[[], object], device: torch.device) -> float:
@@ -393,22 +410,8 @@ def print_result(r: dict[str, Any], console: Console) -> None:
             table.add_row(f"greedy b1, {n} new, {sp['path']}: speculative tok/s", _spread(sp["speculative"]),
                           f"{sp['speedup']:.2f}x; drafts accepted {rates} (per depth), {sp['tokens_per_step']:.2f} "
                           f"tokens per main step; {'same' if sp['identical'] else '[bold red]different[/]'} tokens")
-    rows = r.get("long_context", [])
-    for row in rows:
-        mla, dsa = (row["mla_prefill_s"], row["mla_decode_s"]), (row["dsa_prefill_s"], row["dsa_decode_s"])
-        table.add_row(f"attention layer, context {row['context']:,}: prefill mla / dsa",
-                      f"{mla[0] * 1e3:,.1f} / {dsa[0] * 1e3:,.1f} ms", f"dsa {mla[0] / dsa[0]:.2f}x faster "
-                      f"(index_topk {row['index_topk']})")
-        table.add_row(f"attention layer, context {row['context']:,}: decode mla / dsa",
-                      f"{mla[1] * 1e3:,.2f} / {dsa[1] * 1e3:,.2f} ms", f"dsa {mla[1] / dsa[1]:.2f}x faster")
-        if "mla_decode_compiled_s" in row:
-            mla_c, dsa_c = row["mla_decode_compiled_s"], row["dsa_decode_compiled_s"]
-            table.add_row(f"attention layer, context {row['context']:,}: decode compiled mla / dsa",
-                          f"{mla_c * 1e3:,.2f} / {dsa_c * 1e3:,.2f} ms", f"dsa {mla_c / dsa_c:.2f}x faster")
-    for stage in [s for s in ("prefill", "decode", "decode_compiled") if rows and f"mla_{s}_s" in rows[0]]:
-        at = crossover(rows, stage)
-        table.add_row(f"attention layer: {stage.replace('_', ' ')} crossover", f"{at:,}" if at else "none",
-                      "the context from which dsa is faster (of those measured)")
+    for cells in long_context_cells(r.get("long_context", [])):
+        table.add_row(*cells)
     if "moe_vs_dense" in r:
         m = r["moe_vs_dense"]
         table.add_row("MoE FFN fwd+bwd / active-dense twin", f"{m['ratio']:.2f}x",

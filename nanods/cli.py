@@ -197,7 +197,8 @@ def train(
 
     cli = {"model": {"attention": attention, "ffn": ffn, "router": router},
            "train": {"data": data, "steps": steps, "time_budget": time_budget, "out": out, "device": device, "dtype": dtype}}
-    project = load_project(config, scale=scale, cli=cli, sets=sets, profile=profile, model_base=_model_of(init_from))
+    project = load_project(config, scale=scale, cli=cli, sets=sets, profile=profile,
+                           model_base=None if resume else _model_of(init_from))
     explicit = command_line_values(cli, sets)
     code = run_training(project, RunOptions(resume=resume, init_from=init_from, overwrite=overwrite, scale=scale,
                                             profile=profile, explicit=explicit))

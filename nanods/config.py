@@ -77,7 +77,7 @@ class NanoDeepSeekConfig:
     # DeepSeek Sparse Attention (attention = "dsa"): the lightning indexer and how many positions it keeps
     index_n_heads: int = 4
     index_head_dim: int | None = None  # -> 2 * qk_rope_head_dim (DeepSeek-V3.2: 128 with rope 64)
-    index_topk: int | None = None  # -> sequence_len // 8, at least 16 (DeepSeek-V3.2: 2048 of 128K)
+    index_topk: int | None = None  # -> sequence_len // 16, at least 16 (DeepSeek-V3.2: 2048 of 128K)
     # multi-token prediction: depth-k modules predict token t+k+1; their loss weight in training
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.3
@@ -106,7 +106,7 @@ class NanoDeepSeekConfig:
         if self.index_head_dim is None:
             self.index_head_dim = 2 * self.qk_rope_head_dim
         if self.index_topk is None:
-            self.index_topk = max(16, self.sequence_len // 8)
+            self.index_topk = max(16, self.sequence_len // 16)
         if self.rope_original_len is None:
             factor = self.rope_factor if self.rope_factor >= 1 else 1.0  # below 1 or nan: refused by validate below
             self.rope_original_len = max(1, round(self.sequence_len / factor))

@@ -97,6 +97,7 @@ def test_bench_ctrl_c_says_interrupted(monkeypatch, capsys):
     assert code == 130 and out == "" and err.strip() == "interrupted"
 
 
+@pytest.mark.slow  # compiles both layers
 def test_long_context_rows_time_mla_and_dsa_per_layer():
     from nanods.bench import bench_long_context
 
@@ -117,3 +118,17 @@ def test_crossover_is_where_dsa_stays_faster():
     assert crossover(rows, "decode") == 8192  # faster at 2048 too, but not from there on
     assert crossover(rows[:3], "decode") is None
     assert crossover(rows[1:2], "decode") == 2048
+
+
+def test_long_context_cells_name_each_stage_and_its_crossover():
+    from nanods.bench import long_context_cells
+
+    rows = [{"context": c, "index_topk": 512, "mla_decode_s": m, "dsa_decode_s": d, "mla_decode_compiled_s": m,
+             "dsa_decode_compiled_s": d / 2} for c, m, d in ((1024, 1e-3, 2e-3), (16384, 4e-3, 1e-3))]
+    cells = long_context_cells(rows)
+    assert cells[0] == ("attention layer, context 1,024: decode mla / dsa", "1.00 / 2.00 ms",
+                        "dsa 0.50x faster (index_topk 512)")
+    assert cells[3][2].startswith("dsa 8.00x faster")
+    assert cells[-2:] == [("attention layer: decode crossover", "16,384", "the context from which dsa is faster "
+                           "(of those measured)"), ("attention layer: decode compiled crossover", "16,384",
+                                                    "the context from which dsa is faster (of those measured)")]

@@ -1,6 +1,8 @@
-"""benchmarks/ablation.py and compare_hf.py: bad input is one line before any work; nothing on disk is lost."""
+"""benchmarks/ablation.py, compare_hf.py and dsa_decode.py: bad input is one line before any work; nothing on disk
+is lost."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +109,18 @@ def test_compare_hf_without_transformers_says_what_to_install():
     proc = script("compare_hf.py", "--only", "prefill", prelude="sys.modules['transformers'] = None")
     assert proc.returncode == 1 and proc.stderr.strip() == ('compare_hf.py needs transformers with DeepseekV3 (>= 5.24): '
                                                      'pip install -e ".[bench]"')
+
+
+@pytest.mark.parametrize("args,message", [(["--contexts", "1,x"], "--contexts: must be comma-separated"),
+                                          (["--repeats", "0"], "--repeats: must be a whole number >= 1")])
+def test_dsa_decode_bad_input_is_one_line(args, message):
+    proc = script("dsa_decode.py", *args)
+    assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr
+
+
+def test_dsa_decode_times_mla_and_dsa_decode_steps():
+    proc = script("dsa_decode.py", "--scale", "tiny", "--contexts", "64,128", "--repeats", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [r["context"] for r in rows] == [64, 128] and all("mla_prefill_s" not in r for r in rows)
+    assert all(r[f"{a}_decode_s"] > 0 for r in rows for a in ("mla", "dsa"))

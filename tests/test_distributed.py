@@ -21,41 +21,56 @@ ARGS = ["train", "--scale", "tiny", "--steps", "5", "--device", "cpu", "--dtype"
         "--set", "train.warmup_steps=1", "--set", "model.bias_update_speed=0.01", "--set", "model.mtp_depth=1"]
 
 
+# DSA with its frozen dense warm-up (2 steps: only the indexers learn), then sparse (8 of up to 32 positions)
+DSA = ("--attention", "dsa", "--set", "model.index_topk=8", "--set", "train.dsa_dense_steps=2",
+       "--set", "train.dsa_dense_frozen=true")
+
+
 def losses(out: Path) -> list[float]:
-    """Each step's main loss, then its MTP loss (every run here trains one MTP depth)."""
+    """Each step's main loss, then its MTP loss (every run here trains one MTP depth) and indexer loss (DSA)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [v for r in rows if "loss" in r for v in (r["loss"], *r["mtp"])]
+    return [v for r in rows if "loss" in r for v in (r["loss"], *r["mtp"], *([r["indexer"]] if "indexer" in r else []))]
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
+    """(root, env, run): run(extra) trains one process with ARGS + extra once and returns its folder."""
     root = tmp_path_factory.mktemp("dist")
     shutil.copytree(SOURCE, root / "corpus", ignore=shutil.ignore_patterns("__pycache__"))  # frozen: all runs see it
     env = {**os.environ, "NANODS_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
-    out = root / "single"
-    proc = subprocess.run([sys.executable, "-m", "nanods", *ARGS, "--out", str(out)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root, env, out
+    outs: dict[tuple[str, ...], Path] = {}
+
+    def run(extra: tuple[str, ...]) -> Path:
+        if extra not in outs:
+            out = root / f"single-{len(outs)}"
+            proc = subprocess.run([sys.executable, "-m", "nanods", *ARGS, *extra, "--out", str(out)], cwd=root,
+                                  env=env, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            outs[extra] = out
+        return outs[extra]
+
+    return root, env, run
 
 
-@pytest.mark.parametrize("parallel,micro", [("ddp", True), ("fsdp", True), ("ddp", False)])
-def test_two_processes_match_one(single, parallel, micro):
+@pytest.mark.parametrize("parallel,micro,extra", [("ddp", True, ()), ("fsdp", True, ()), ("ddp", False, ()),
+                                                  ("fsdp", True, DSA)])
+def test_two_processes_match_one(single, parallel, micro, extra):
     """micro=False leaves micro_batch_size unset: each of 2 processes then takes batch_size / 2."""
-    root, env, out_single = single
-    out = root / f"{parallel}-{micro}"
-    args = ARGS
+    root, env, run = single
+    out_single = run(extra)
+    out = root / f"{parallel}-{micro}-{len(extra)}"
+    args = ARGS + list(extra)
     if not micro:  # drop "--set train.micro_batch_size=2"
         i = ARGS.index("train.micro_batch_size=2")
-        args = ARGS[:i - 1] + ARGS[i + 1:]
+        args = ARGS[:i - 1] + ARGS[i + 1:] + list(extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "nanods", *args, "--out", str(out), "--set", f"train.parallel={json.dumps(parallel)}"]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"data parallel: 2 processes ({parallel})" in proc.stderr
     a, b = losses(out_single), losses(out)
-    assert len(a) == len(b) == 10
-    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=0)
+    assert len(a) == len(b) == (15 if extra else 10)
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-8)  # indexer losses are ~1e-4
     wa, wb = load_file(out_single / "ckpt.safetensors"), load_file(out / "ckpt.safetensors")
     biases = [k for k in wa if k.endswith("expert_bias")]
     assert biases and all(wa[k].abs().sum() > 0 for k in biases)

@@ -103,6 +103,22 @@ def test_indexer_scores_follow_the_formula(float64):
     torch.testing.assert_close(ix.scores(x, q_latent, pos, keys).double(), expected)
 
 
+def test_training_under_bf16_autocast_scores_in_float32():
+    """Autocast makes the indexer's q and keys bf16; q.k and the sum over heads still run in float32 (the
+    ranking and the KL need them), not as a bf16 matmul rounding every dot to 8 bits."""
+    ix = _dsa().blocks[0].attn.indexer
+    x, q_latent, pos = torch.randn(2, 30, 64), torch.randn(2, 30, 16), torch.arange(30).expand(2, 30)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        keys = ix.keys(x, pos)
+        got = ix.scores(x, q_latent, pos, keys)
+        q = ix._rotate(ix.wq_b(q_latent).view(2, 30, ix.n_heads, ix.head_dim), pos)
+        w = ix.weights_proj(x)
+    assert keys.dtype == q.dtype == torch.bfloat16 and got.dtype == torch.float32
+    dots = torch.einsum("bthd,bsd->bths", q.float(), keys.float()).relu()
+    expected = torch.einsum("bth,bths->bts", w.float(), dots) * ix.head_dim ** -0.5 * ix.n_heads ** -0.5
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def apply_half_rope(t, pos, theta=10000.0):
     """RoPE on pairs (i, i + d/2), written out: the indexer's layout (not MLA's interleaved one)."""
     d = t.size(-1)

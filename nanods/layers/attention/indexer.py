@@ -53,9 +53,12 @@ class LightningIndexer(nn.Module):
         q = self._rotate(self.wq_b(q_latent).view(B, T, self.n_heads, self.head_dim), pos)
         w = self.weights_proj(x)  # (B, T, heads)
         with torch.autocast(x.device.type, enabled=False):
-            # q.k in the keys' dtype (the cache's when decoding: no float32 copy of every cached key per step,
-            # as transformers computes them), the weighted sum over heads in float32
-            q, w = q.to(keys.dtype).flatten(1, 2), w.float() * self.scale  # (B, T x heads, D), (B, T, heads)
+            # q.k in the model's dtype: bf16 weights decode with no float32 copy of every cached key per step (as
+            # transformers computes it), a float32 model under bf16 autocast trains in float32; the weighted sum
+            # over heads in float32
+            dtype = torch.promote_types(keys.dtype, x.dtype)
+            q, keys = q.to(dtype).flatten(1, 2), keys.to(dtype)  # (B, T x heads, D), (B, S, D)
+            w = w.float() * self.scale  # (B, T, heads)
             if T * self.n_heads <= FEW_ROWS:  # decoding: keys @ q^T, 4x faster on CPU for 4 rows and 16K keys
                 dots = (keys @ q.transpose(1, 2)).float().relu().view(B, -1, T, self.n_heads)  # (B, S, T, heads)
                 return (dots.transpose(1, 2) @ w.unsqueeze(-1)).squeeze(-1)
@@ -96,12 +99,15 @@ def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
 
     A float topk decides alone unless a score equal to its k-th best was left out (for example ReLU's
     zeros, when fewer than k scores are positive): which of equal scores topk keeps depends on the
-    row's length, so then the positions are ranked exactly, as they always are in a compiled graph.
+    row's length, so then the positions are ranked exactly (as they always are compiled or on a GPU).
     """
-    if not torch.compiler.is_compiling():  # a compiled graph ranks exactly (fused; no data-dependent branch)
+    # compiled, or on a GPU (where the check would wait for the device in every layer), always rank exactly
+    if scores.device.type == "cpu" and not torch.compiler.is_compiling():
         values, picks = scores.topk(k, dim=-1, sorted=False)
         kth = values.amin(-1, keepdim=True)
-        if not bool(((scores == kth).sum(-1) > (values == kth).sum(-1)).any()):
+        straddles = (scores == kth).sum(-1) > (values == kth).sum(-1)
+        # a k-th score of -inf (a query seeing fewer than k positions) keeps every visible one whatever the tie
+        if not bool((straddles & (kth.squeeze(-1) > float("-inf"))).any()):
             return picks
     return ranks(scores).topk(k, dim=-1, sorted=False).indices
 
@@ -117,4 +123,4 @@ def ranks(scores: torch.Tensor) -> torch.Tensor:
     bits = (scores + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into 0.0, the same number
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats' bits count the wrong way
     position = torch.arange(scores.size(-1), device=scores.device)
-    return ordered * 2**32 + (2**32 - 1 - position)  # fits: |ordered| < 2^31
+    return ordered * 2**32 + (2**32 - 1 - position)  # fits: -2^31 <= ordered < 2^31
