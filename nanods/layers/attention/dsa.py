@@ -108,8 +108,8 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
             end = min(T, start + chunk)
             # only the picked rows; index_select per sequence: a cached latent is a view that rows of one
             # sequence can index without a copy, and it runs 2x faster than advanced indexing on CPU
-            kv = torch.stack([seq.index_select(0, p.flatten()) for seq, p in zip(latent, picks[:, start:end])])
-            kv = kv.view(B, end - start, k, width).to(q.dtype)
+            rows = [seq.index_select(0, p.flatten()) for seq, p in zip(latent, picks[:, start:end])]
+            kv = (rows[0][None] if B == 1 else torch.stack(rows)).view(B, end - start, k, width).to(q.dtype)
             if with_target:
                 scores = torch.einsum("bhtw,btkw->bhtk", q[:, :, start:end], kv) * self.softmax_scale
                 weights = torch.softmax(scores.float().masked_fill(~valid[:, None, start:end], float("-inf")), dim=-1)
