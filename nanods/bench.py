@@ -360,12 +360,17 @@ def long_context_cells(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]
             mla, dsa = row[f"mla_{stage}_s"], row[f"dsa_{stage}_s"]
             cells.append((f"attention layer, context {row['context']:,}: {stage.replace('_', ' ')} mla / dsa",
                           f"{mla * 1e3:,.2f} / {dsa * 1e3:,.2f} ms",
-                          f"dsa {mla / dsa:.2f}x faster (index_topk {row['index_topk']})"))
+                          f"dsa {_times(mla / dsa)} (index_topk {row['index_topk']})"))
     for stage in stages:
         at = crossover(rows, stage)
         cells.append((f"attention layer: {stage.replace('_', ' ')} crossover", f"{at:,}" if at else "none",
                       "the context from which dsa is faster (of those measured)"))
     return cells
+
+
+def _times(ratio: float) -> str:
+    """'1.39x faster' or '2.0x slower' for a time ratio (other / this)."""
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
 
 
 def _seconds(run: Callable[[], object], device: torch.device) -> float:
