@@ -225,11 +225,12 @@ def test_init_from_refuses_an_attention_change_other_than_mla_to_dsa(corpus, tmp
 
 def test_init_from_options_adjust_the_checkpoints_model(corpus, tmp_path, capsys, monkeypatch):
     """Without --scale or a nanods.toml, the options are checked against the checkpoint's model, not the
-    defaults': tiny's index_head_dim 8 is below the default model's rope width (64)."""
+    defaults': tiny's index_head_dim 8 is below the default model's rope width (64). The index_topk the
+    mla model stored (unused by it) gives way to the default."""
     from nanods import checkpoint
     from nanods.train.loop import RunOptions, train
 
-    assert train(project(corpus, tmp_path / "mla", "train.steps=2"), RunOptions()) == 0
+    assert train(project(corpus, tmp_path / "mla", "train.steps=2", "model.index_topk=99"), RunOptions()) == 0
     monkeypatch.chdir(tmp_path)
     args = ["train", "--init-from", str(tmp_path / "mla" / "ckpt.safetensors"), "--attention", "dsa",
             "--set", "model.index_head_dim=8", "--steps", "1", "--out", str(tmp_path / "dsa"), "--device", "cpu",
@@ -237,4 +238,5 @@ def test_init_from_options_adjust_the_checkpoints_model(corpus, tmp_path, capsys
             "--set", "train.eval_batches=1", "--set", "train.sample_tokens=0"]
     code, _, err = main_in_process(args, capsys)
     assert code == 0, err
-    assert checkpoint.load(tmp_path / "dsa" / "ckpt.safetensors")[0].config.index_head_dim == 8
+    config = checkpoint.load(tmp_path / "dsa" / "ckpt.safetensors")[0].config
+    assert (config.index_head_dim, config.index_topk) == (8, 16)  # 16: max(16, sequence_len 64 // 16)

@@ -297,8 +297,12 @@ class Trainer:
         if attention != stored["attention"] and (short_name(stored["attention"]), short_name(attention)) != ("mla", "dsa"):
             raise NanodsError(f"--init-from '{path}' has attention '{stored['attention']}'; a checkpoint's attention can "
                               "only change from mla to dsa (the same MLA weights, plus a new indexer)")
-        source["config"] = NanoDeepSeekConfig.from_dict(
-            {**stored, **{k: v for k, v in given.items() if k in INIT_FROM_CHANGES}}, "the command line")
+        values = {**stored, **{k: v for k, v in given.items() if k in INIT_FROM_CHANGES}}
+        if short_name(attention) != short_name(stored["attention"]):
+            # mla -> dsa: the mla model never used its index_* fields (resolved when it was saved, perhaps by an
+            # older default), so those the command line does not give take today's defaults
+            values = {k: v for k, v in values.items() if not k.startswith("index_") or k in given}
+        source["config"] = NanoDeepSeekConfig.from_dict(values, "the command line")
         depth, before = source["config"].mtp_depth, stored["mtp_depth"]
         source["weights"] = {k: v for k, v in source["weights"].items()
                              if not k.startswith("mtp.") or int(k.split(".")[1]) < depth}
