@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from nanods.config import NanoDeepSeekConfig
 from nanods.errors import NanodsError
 from nanods.layers.attention.cache import LayerCache
-from nanods.layers.attention.indexer import LightningIndexer
+from nanods.layers.attention.indexer import LightningIndexer, pick
 from nanods.layers.attention.mla import MultiHeadLatentAttention, per_head
 
 GATHER_ELEMENTS = 1 << 24  # gathered latent values per chunk of queries: 64 MiB in float32
@@ -60,29 +60,31 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
                 return self.output(self.attend_latent(q_nope, q_pe, latent, past))
             causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril().expand(x.size(0), T, S)
             y, target = self.attend_masked(q_nope, q_pe, latent, causal)  # training: no cache, query t at t
-            self.indexer_loss = self._kl(x, q_latent, pos, target, causal)
+            self.indexer_loss = self._kl(self._learned_scores(x, q_latent, pos), target, causal)
             return self.output(y)
-        picks, valid = self.indexer.select(x, q_latent, pos, keys, past, self.topk)
         if not learn:
+            picks, valid = self.indexer.select(x, q_latent, pos, keys, past, self.topk)
             return self.output(self.attend_selected(q_nope, q_pe, latent, picks, valid, with_target=False)[0])
+        scores = self._learned_scores(x, q_latent, pos)  # scored once: the picks and the KL both read them
+        picks, valid = pick(scores.detach(), 0, self.topk)  # training: no cache, query t at position t
         if T * S <= MASKED_SCORES:
             allowed = torch.zeros(x.size(0), T, S, dtype=torch.bool, device=x.device).scatter(-1, picks, valid)
             y, weights = self.attend_masked(q_nope, q_pe, latent, allowed)
             target = _renormalised(weights.gather(-1, picks))
         else:
             y, target = self.attend_selected(q_nope, q_pe, latent, picks, valid)
-        self.indexer_loss = self._kl(x, q_latent, pos, target, valid, picks)
+        self.indexer_loss = self._kl(scores.gather(-1, picks), target, valid)
         return self.output(y)
 
-    def _kl(self, x: torch.Tensor, q_latent: torch.Tensor, pos: torch.Tensor, target: torch.Tensor,
-            visible: torch.Tensor, picks: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean over queries of KL(target || softmax of the indexer's scores) over the `visible` positions
-        (B, T, S), or with picks over each query's picks (`visible` (B, T, k) then marks the real ones);
-        the indexer's inputs detached."""
+    def _learned_scores(self, x: torch.Tensor, q_latent: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The indexer's scores (B, T, T) of a training forward (no cache), from detached inputs: their
+        gradient, through the KL, reaches the indexer alone."""
         x, q_latent = x.detach(), q_latent.detach()
-        scores = self.indexer.scores(x, q_latent, pos, self.indexer.keys(x, pos))  # (B, T, S), with gradients
-        if picks is not None:
-            scores = scores.gather(-1, picks)
+        return self.indexer.scores(x, q_latent, pos, self.indexer.keys(x, pos))
+
+    def _kl(self, scores: torch.Tensor, target: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Mean over queries of KL(target || softmax of the indexer's scores) over the `visible` positions
+        (all three (B, T, S), or (B, T, k) over each query's picks)."""
         log_q = torch.log_softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         neg_entropy = torch.xlogy(target, target).sum(-1)
         # what an indexer that learned nothing (uniform over the same positions) would score: the scale to read

@@ -82,15 +82,22 @@ class LightningIndexer(nn.Module):
         with torch.no_grad():
             for start in range(0, T, chunk):
                 rows = slice(start, min(T, start + chunk))
-                scores = self.scores(x, q_latent, pos, keys, rows)
-                query = torch.arange(rows.start, rows.stop, device=x.device) + past
-                if rows.start + past + 1 < S:  # some query may not see every key (not so when decoding)
-                    hidden = torch.arange(S, device=x.device) > query[:, None]  # (T', S)
-                    scores = scores.masked_fill(hidden, float("-inf"))
-                top = top_positions(scores, min(topk, S))
+                top, real = pick(self.scores(x, q_latent, pos, keys, rows), past + start, topk)
                 picks.append(top)
-                valid.append(top <= query[:, None])
+                valid.append(real)
         return torch.cat(picks, dim=1), torch.cat(valid, dim=1)
+
+
+def pick(scores: torch.Tensor, first: int, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The topk best positions (B, T, topk) by scores (B, T, S) of queries at positions first, first + 1, ...
+    among those each may see (s <= its position), and whether each pick is such a position (False where
+    fewer than topk exist yet)."""
+    T, S = scores.shape[-2:]
+    query = torch.arange(first, first + T, device=scores.device)
+    if first + 1 < S:  # some query may not see every key (not so when decoding)
+        scores = scores.masked_fill(torch.arange(S, device=scores.device) > query[:, None], float("-inf"))
+    top = top_positions(scores, min(topk, S))
+    return top, top <= query[:, None]
 
 
 def top_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
