@@ -98,10 +98,14 @@ def test_ablation_puts_back_a_run_a_killed_ablation_left_aside(tmp_path, monkeyp
     assert metrics.read_text() == "previous run\n" and [p.name for p in tmp_path.iterdir()] == ["mha-dense"]
 
 
-@pytest.mark.parametrize("args,error", [(["--repeats", "0"], "must be a whole number >= 1"),
-                                        (["--only", "bogus"], "matches none of: 'train 8x256', 'prefill 1x512'")])
-def test_compare_hf_bad_input_fails_before_any_work(args, error):
-    proc = script("compare_hf.py", *args)
+@pytest.mark.parametrize("name,args,error", [
+    ("compare_hf.py", ["--repeats", "0"], "must be a whole number >= 1"),
+    ("compare_hf.py", ["--only", "bogus"], "matches none of: 'train 8x256', 'prefill 1x512'"),
+    ("dsa_decode.py", ["--contexts", "1,x"], "--contexts: must be comma-separated"),
+    ("dsa_decode.py", ["--repeats", "0"], "--repeats: must be a whole number >= 1"),
+])
+def test_bad_input_fails_before_any_work(name, args, error):
+    proc = script(name, *args)
     assert proc.returncode == 2 and error in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr
 
 
@@ -109,13 +113,6 @@ def test_compare_hf_without_transformers_says_what_to_install():
     proc = script("compare_hf.py", "--only", "prefill", prelude="sys.modules['transformers'] = None")
     assert proc.returncode == 1 and proc.stderr.strip() == ('compare_hf.py needs transformers with DeepseekV3 (>= 5.24): '
                                                      'pip install -e ".[bench]"')
-
-
-@pytest.mark.parametrize("args,message", [(["--contexts", "1,x"], "--contexts: must be comma-separated"),
-                                          (["--repeats", "0"], "--repeats: must be a whole number >= 1")])
-def test_dsa_decode_bad_input_is_one_line(args, message):
-    proc = script("dsa_decode.py", *args)
-    assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr
 
 
 def test_dsa_decode_times_mla_and_dsa_decode_steps():
